@@ -1,0 +1,53 @@
+"""Structured config of the `data` group (configs/data/*.yaml). Plain dataclasses: Hydra/OmegaConf
+structured configs; `voxcpm_train.config` may register them in its ConfigStore."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class LayoutProbs:
+    """Mixture of sequence layouts for one dataset (normalised; unavailable layouts fall back to tts)."""
+
+    tts: float = 0.5
+    clone: float = 0.3
+    continuation: float = 0.1
+    clone_continuation: float = 0.1
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "demo"
+    path: str = "demo_data/latents"      # folder written by `voxcpm-data encode`
+    weight: float = 1.0                  # blend weight (stages may override)
+    layouts: LayoutProbs = field(default_factory=LayoutProbs)
+
+
+@dataclass
+class EncodeConfig:
+    vae_config: str = "small"            # small | full
+    vae_path: Optional[str] = None       # audiovae.safetensors; None -> seeded random init (recorded)
+    batch_seconds: float = 120.0
+    min_seconds: float = 0.5
+    max_seconds: float = 30.0
+    samples_per_shard: int = 2000
+
+
+@dataclass
+class DataConfig:
+    datasets: list = field(default_factory=lambda: [DatasetConfig()])
+    tokenizer_path: str = "demo_data/tokenizer"
+    patch_size: int = 4
+    latent_dim: int = 64
+    packing: bool = True                 # pack several samples per row (else length-bucketed padding)
+    row_tokens: int = 1024               # positions per row (packing) / max positions per sample
+    rows_per_microbatch: int = 2         # packing: micro-batch = rows_per_microbatch x row_tokens
+    token_budget: int = 4096             # no packing: rows x padded length <= token_budget
+    pad_to_multiple: int = 8             # no packing: padded length multiple
+    window_samples: int = 2048           # samples planned (drawn, packed, shuffled) together
+    max_ref_patches: int = 75            # reference / prompt clips longer than this (12 s) are not used
+    seed: int = 1234
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    encode: EncodeConfig = field(default_factory=EncodeConfig)

@@ -1,0 +1,41 @@
+"""Text tokenizer of a model folder: LlamaTokenizerFast, multi-character Chinese tokens split into single
+characters (as VoxCPM's `mask_multichar_chinese_tokens`), no BOS/EOS."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+METASPACE = "\u2581"
+
+
+def _is_cjk(c: str) -> bool:
+    return "\u4e00" <= c <= "\u9fff"
+
+
+class TextTokenizer:
+    """`tokenizer(text) -> list[int]`. Audio special ids: 101 start, 102 end, 103 ref start, 104 ref end."""
+
+    def __init__(self, path: str | Path):
+        from transformers import LlamaTokenizerFast
+
+        self.path = Path(path)
+        self.hf = LlamaTokenizerFast.from_pretrained(str(path))
+        self.cjk_multichar = {t for t in self.hf.get_vocab() if len(t) >= 2 and all(map(_is_cjk, t))}
+        self.unk_id = self.hf.unk_token_id
+
+    def tokens(self, text: str) -> list[str]:
+        out: list[str] = []
+        for tok in self.hf.tokenize(text):
+            bare = tok.replace(METASPACE, "")
+            out.extend(bare) if bare in self.cjk_multichar else out.append(tok)
+        return out
+
+    def __call__(self, text: str) -> list[int]:
+        return self.hf.convert_tokens_to_ids(self.tokens(text))
+
+    def fingerprint(self) -> str:
+        """Hash of the tokenizer files (cache key of token-count indexes)."""
+        h = hashlib.sha256()
+        for name in sorted(p.name for p in self.path.iterdir() if p.suffix in (".json", ".model")):
+            h.update(name.encode() + (self.path / name).read_bytes())
+        return h.hexdigest()[:16]

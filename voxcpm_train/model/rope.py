@@ -1,0 +1,41 @@
+"""LongRoPE for megatron-core attention: rotate-half RoPE with per-dimension frequency factors.
+
+Frequencies are computed in fp32 from per-row `position_ids` [B, T] so packed samples keep their own
+positions; megatron's `apply_rotary_pos_emb` (`rotary_interleaved=False`) applies them. The LongRoPE
+attention factor s (1.0 for the released model) scales cos and sin; q·k then grows by s², which
+`longrope_softmax_scale` folds into the softmax scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from voxcpm_train.config.model import RopeConfig, rope_factors, rope_scaling_factor
+
+
+class LongRoPE(torch.nn.Module):
+    """`forward(position_ids [B, T] int) -> freqs [T, B, 1, head_dim]` (fp32, radians)."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig):
+        super().__init__()
+        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        factors = rope_factors(rope) or [1.0] * (head_dim // 2)
+        if len(factors) != head_dim // 2:
+            raise ValueError(f"model.rope: {len(factors)} factors for head dim {head_dim}")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_factors", 1.0 / torch.tensor(factors, dtype=torch.float32), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        pos = position_ids.to(torch.float32)
+        inv_freq = self.inv_freq.to(pos.device)
+        inv_factors = self.inv_factors.to(pos.device)
+        freqs = (pos.unsqueeze(-1) * inv_factors) * inv_freq  # [B, T, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout
+        return emb.transpose(0, 1).unsqueeze(2).contiguous()
+
+
+def longrope_softmax_scale(head_dim: int, rope: RopeConfig) -> float:
+    """1/sqrt(head_dim) times the LongRoPE attention factor squared."""
+    return rope_scaling_factor(rope) ** 2 / math.sqrt(head_dim)

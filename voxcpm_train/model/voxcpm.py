@@ -1,0 +1,261 @@
+"""`VoxCPMModel`: one pipeline stage of the VoxCPM backbone on megatron-core.
+
+Module names (stable; the weight mapping in `voxcpm_train/convert/` is written against them). Stacks
+are `StackBlock`s (megatron `TransformerBlock`), each layer a megatron `TransformerLayer`:
+`layers.{i}.input_layernorm.weight`, `layers.{i}.self_attention.linear_qkv.weight` (fused QKV, per
+query group g: [q heads of g, k_g, v_g] rows, megatron's layout), `layers.{i}.self_attention.linear_proj.weight`,
+`layers.{i}.pre_mlp_layernorm.weight`, `layers.{i}.mlp.linear_fc1.weight` (rows [gate; up]),
+`layers.{i}.mlp.linear_fc2.weight`; `{i}` is the index on this stage, the global index is
+`first_layer + i` (`sharded_state_dict` uses the global one).
+
+| ours | reference `VoxCPM2Model` | stage |
+|---|---|---|
+| `text_embedding.weight` (VocabParallelEmbedding) | `base_lm.embed_tokens.weight` | first |
+| `feat_encoder.in_proj`, `feat_encoder.special_token` [1,1,1,H] | same | first |
+| `feat_encoder.encoder.layers.*`, `feat_encoder.encoder.norm` | `feat_encoder.encoder.layers.*`, `.norm` | first |
+| `enc_to_lm_proj` | same | first |
+| `base_lm.layers.*` | `base_lm.layers.*` | split |
+| `base_lm.norm` | `base_lm.norm` | last TSLM layer |
+| `fsq_layer.in_proj`, `fsq_layer.out_proj` | same | last TSLM layer |
+| `fusion_concat_proj` (voxcpm2 only) | same | last TSLM layer |
+| `residual_lm.layers.*`, `residual_lm.norm` | same | split / last |
+| `lm_to_dit_proj`, `res_to_dit_proj` | same | last |
+| `feat_decoder.estimator.{in_proj,cond_proj,out_proj}` | same | last |
+| `feat_decoder.estimator.{time_mlp,delta_time_mlp}.linear_{1,2}` | same | last |
+| `feat_decoder.estimator.decoder.layers.*`, `.decoder.norm` | same | last |
+| `stop_proj`, `stop_head` (no bias) | same | last |
+
+Stage I/O (see docs/architecture.md): one tensor [2T, B, H] crosses stages; rows 0:T the running
+hidden state, rows T:2T `feat_embed` until the TSLM ends, then the FSQ output (`lm_hidden` unshifted).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import init_method_normal
+
+from voxcpm_train.config.model import ModelConfig, validate_model_config
+from voxcpm_train.model.attention import core_attention_class
+from voxcpm_train.model.fsq import FSQ
+from voxcpm_train.model.local_dit import FeatDecoder, LocalDiT
+from voxcpm_train.model.local_encoder import LocalEncoder
+from voxcpm_train.model.losses import (
+    FlowDraws,
+    diffusion_loss_sum,
+    draw_flow_noise,
+    flow_matching_targets,
+    stop_loss_sum,
+)
+from voxcpm_train.model.pipeline import stage_layers
+from voxcpm_train.model.rope import LongRoPE, longrope_softmax_scale
+from voxcpm_train.model.transformer import StackBlock, mup_residual_scale, stack_transformer_config
+
+
+def segment_attention_mask(segment_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """bool [B, 1, T, T], True = blocked: keys of another segment (and later keys when causal)."""
+    blocked = segment_ids.unsqueeze(2) != segment_ids.unsqueeze(1)
+    if causal:
+        T = segment_ids.shape[1]
+        blocked = blocked | torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).triu(1)
+    return blocked.unsqueeze(1)
+
+
+def shift_right(x: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [B, T, ...] -> y with y[:, t] = x[:, t-1], zero at t = 0 and at each segment start."""
+    y = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    if segment_ids is not None:
+        same = torch.ones_like(segment_ids, dtype=torch.bool)
+        same[:, 1:] = segment_ids[:, 1:] == segment_ids[:, :-1]
+        y = y * same.view(*same.shape, *([1] * (x.dim() - 2))).to(y.dtype)
+    return y
+
+
+class VoxCPMModel(MegatronModule):
+    """One pipeline stage. `forward(batch, draws=None)`: on the last stage a dict of fp32 scalars
+    `{"diff_sum", "stop_sum", "num_loss_positions"}`, else the inter-stage tensor [2T, B, H]."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pp_rank: Optional[int] = None,
+        pp_size: Optional[int] = None,
+        use_cpu_initialization: bool = True,
+    ):
+        validate_model_config(config)
+        if pp_size is None:
+            pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp_rank is None:
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        layout = stage_layers(config, pp_size, pp_rank)
+        n_base, n_res = config.lm.num_layers, config.residual_lm_num_layers
+        lm_scale = longrope_softmax_scale(config.lm.head_dim, config.rope)
+
+        def make_config(stack, num_layers, softmax_scale):
+            return stack_transformer_config(
+                config, stack, num_layers, softmax_scale, use_cpu_initialization=use_cpu_initialization
+            )
+
+        base_config = make_config(config.lm, n_base, lm_scale)
+        super().__init__(config=base_config)
+        self.model_config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.layout = layout
+        self.input_tensor = None
+        attention = core_attention_class(config.attention_backend)
+        dtype = base_config.params_dtype
+        hidden = config.lm.hidden_size
+        v2 = config.architecture == "voxcpm2"
+
+        if pre_process:
+            self.text_embedding = VocabParallelEmbedding(
+                config.vocab_size, hidden, init_method=init_method_normal(config.init_method_std), config=base_config
+            )
+            enc_config = make_config(
+                config.encoder, config.encoder.num_layers, longrope_softmax_scale(config.encoder.head_dim, config.rope)
+            )
+            self.feat_encoder = LocalEncoder(
+                enc_config, attention, config.rope, config.feat_dim, mup_residual_scale(config, config.encoder.num_layers)
+            )
+            self.enc_to_lm_proj = torch.nn.Linear(config.encoder.hidden_size, hidden, dtype=dtype)
+        if layout.base_count or layout.holds_last_base_layer:
+            self.base_lm = StackBlock(
+                base_config, attention, causal=True, residual_scale=mup_residual_scale(config, n_base),
+                first_layer=layout.base_first, num_layers=layout.base_count, total_layers=n_base,
+                final_norm=layout.holds_last_base_layer,
+            )
+        if layout.holds_last_base_layer:
+            self.fsq_layer = FSQ(hidden, config.fsq_latent_dim, config.fsq_scale, dtype=dtype)
+            if v2:
+                self.fusion_concat_proj = torch.nn.Linear(2 * hidden, hidden, dtype=dtype)
+        if layout.base_count or layout.residual_count:
+            self.rope = LongRoPE(config.lm.head_dim, config.rope)
+        if layout.residual_count or post_process:
+            res_rope = not config.residual_lm_no_rope
+            self.residual_lm = StackBlock(
+                make_config(config.lm, n_res, lm_scale if res_rope else None), attention, causal=True,
+                residual_scale=mup_residual_scale(config, n_res), first_layer=layout.residual_first,
+                num_layers=layout.residual_count, total_layers=n_res, final_norm=post_process,
+            )
+        if post_process:
+            dit_hidden = config.dit.hidden_size
+            self.lm_to_dit_proj = torch.nn.Linear(hidden, dit_hidden, dtype=dtype)
+            self.res_to_dit_proj = torch.nn.Linear(hidden, dit_hidden, dtype=dtype)
+            dit_config = make_config(
+                config.dit, config.dit.num_layers, longrope_softmax_scale(config.dit.head_dim, config.rope)
+            )
+            self.feat_decoder = FeatDecoder(
+                LocalDiT(
+                    dit_config, attention, config.rope, config.feat_dim,
+                    mup_residual_scale(config, config.dit.num_layers), time_in_mu=not v2,
+                )
+            )
+            self.stop_proj = torch.nn.Linear(hidden, hidden, dtype=dtype)
+            self.stop_head = torch.nn.Linear(hidden, 2, bias=False, dtype=dtype)
+        self._mark_replicated_params()
+
+    def _mark_replicated_params(self) -> None:
+        """Replicated (non-TP-split) params get TP-averaged grads (megatron's finalize_model_grads)."""
+        for param in self.parameters():
+            if not getattr(param, "tensor_model_parallel", False) and not getattr(param, "sequence_parallel", False):
+                setattr(param, "average_gradients_across_tp_domain", True)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Receive the previous stage's [2T, B, H] tensor (megatron passes a one-element list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "VoxCPMModel takes one input tensor"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def _dtype(self) -> torch.dtype:
+        return self.config.params_dtype
+
+    def forward(self, batch: Dict[str, torch.Tensor], draws: Optional[FlowDraws] = None):
+        cfg = self.model_config
+        dtype = self._dtype()
+        text_mask = batch["text_mask"].to(dtype)
+        audio_mask = batch["audio_mask"].to(dtype)
+        B, T = text_mask.shape
+        segment_ids = batch.get("segment_ids")
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=text_mask.device).expand(B, T)
+        mask_tb = lambda m: m.transpose(0, 1).unsqueeze(-1)  # [B, T] -> [T, B, 1]
+
+        if self.pre_process:
+            feat_embed = self.enc_to_lm_proj(self.feat_encoder(batch["audio_feats"].to(dtype)))  # [B, T, H]
+            text_embed = self.text_embedding(batch["text_tokens"])
+            if cfg.use_mup:
+                text_embed = text_embed * cfg.scale_emb
+            x = text_mask.unsqueeze(-1) * text_embed + audio_mask.unsqueeze(-1) * feat_embed
+            hidden, side = x.transpose(0, 1).contiguous(), feat_embed.transpose(0, 1).contiguous()
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("VoxCPMModel stage without pre_process needs set_input_tensor() first")
+            hidden, side = self.input_tensor[:T], self.input_tensor[T:]
+
+        attention_mask = segment_attention_mask(segment_ids, causal=True) if segment_ids is not None else None
+        freqs = self.rope(position_ids) if hasattr(self, "rope") else None
+        if hasattr(self, "base_lm"):
+            hidden = self.base_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=freqs)
+        if self.layout.holds_last_base_layer:
+            h_fsq = self.fsq_layer(hidden) * mask_tb(audio_mask) + hidden * mask_tb(text_mask)
+            feat = mask_tb(audio_mask) * side
+            if cfg.architecture == "voxcpm2":
+                hidden = self.fusion_concat_proj(torch.cat([h_fsq, feat], dim=-1))
+            else:
+                hidden = h_fsq + feat
+            side = h_fsq
+        if hasattr(self, "residual_lm"):
+            res_freqs = None if cfg.residual_lm_no_rope else freqs
+            hidden = self.residual_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=res_freqs)
+        if not self.post_process:
+            return torch.cat([hidden, side], dim=0)
+        return self._losses(batch, side.transpose(0, 1), hidden.transpose(0, 1), segment_ids, draws)
+
+    def _losses(self, batch, lm_out, res_out, segment_ids, draws: Optional[FlowDraws]):
+        """Diffusion and stop loss sums over the loss positions (last stage)."""
+        cfg = self.model_config
+        dtype = self._dtype()
+        feats = batch["audio_feats"].to(dtype)
+        B, T, P, D = feats.shape
+        loss_mask = batch["loss_mask"].reshape(-1)
+        if draws is None:
+            draws = draw_flow_noise(batch["row_seeds"], T, P, D, cfg.flow.cfg_rate, cfg.flow.t_mu, cfg.flow.t_sigma)
+        lm_hidden = shift_right(lm_out, segment_ids).reshape(B * T, -1)
+        res_hidden = shift_right(res_out, segment_ids).reshape(B * T, -1)
+        cond = shift_right(feats, segment_ids).reshape(B * T, P, D)
+        x1 = feats.reshape(B * T, P, D)
+
+        # Only loss positions reach the LocDiT and stop head (others carry zero weight).
+        index = torch.nonzero(loss_mask > 0).squeeze(1)
+        weight = loss_mask[index]
+        if index.numel() == 0:  # keep the graph (and every grad) defined on a loss-free micro-batch
+            index = torch.zeros(1, dtype=torch.long, device=loss_mask.device)
+            weight = torch.zeros(1, dtype=loss_mask.dtype, device=loss_mask.device)
+        sel = draws.select(index.to(draws.t.device)).to(device=feats.device, dtype=dtype)
+        lm_sel, res_sel = lm_hidden[index], res_hidden[index]
+        mu_lm, mu_res = self.lm_to_dit_proj(lm_sel), self.res_to_dit_proj(res_sel)
+        if cfg.architecture == "voxcpm2":
+            mu = torch.stack([mu_lm, mu_res], dim=1)  # [n, 2, H_dit]
+        else:
+            mu = (mu_lm + mu_res).unsqueeze(1)  # [n, 1, H_dit]
+        mu = mu * sel.cfg_keep.view(-1, 1, 1)
+        x_t, velocity = flow_matching_targets(x1[index], sel)
+        pred = self.feat_decoder.estimator(x_t, mu, sel.t, cond[index])
+        diff_sum = diffusion_loss_sum(pred, velocity, weight)
+
+        stop_logits = self.stop_head(torch.nn.functional.silu(self.stop_proj(lm_sel)))
+        stop_sum = stop_loss_sum(stop_logits, batch["labels"].reshape(-1)[index].long(), weight)
+        return {
+            "diff_sum": diff_sum,
+            "stop_sum": stop_sum,
+            "num_loss_positions": batch["loss_mask"].float().sum(),
+        }

@@ -1,0 +1,73 @@
+"""Process-group start-up from torchrun or srun environments."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .core import Platform
+
+__all__ = ["DistEnv", "dist_env", "init_distributed"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    # "node[01-04,07],other" -> "node01"; plain lists -> first entry.
+    first = nodelist.split(",")[0]
+    if "[" in first:
+        prefix, rest = first.split("[", 1)
+        first = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return first
+
+
+def dist_env(environ=None) -> DistEnv:
+    """Rank/world/master from torchrun variables, falling back to SLURM_* (srun), then 1 process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", 1))
+        local = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get("MASTER_ADDR") or (_slurm_master_addr() if "SLURM_PROCID" in env else "127.0.0.1")
+    port = int(env.get("MASTER_PORT", 29500))
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    return DistEnv(rank, world, local, addr, port)
+
+
+def init_distributed(platform: Platform, timeout_s: float = 600.0) -> DistEnv:
+    """Initialise the default process group with the platform's backend (no-op if already up)."""
+    env = dist_env()
+    if dist.is_initialized():
+        return env
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    kwargs = dict(
+        backend=platform.backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    if not platform.is_cpu:
+        kwargs["device_id"] = torch.device(platform.kind, env.local_rank)
+    dist.init_process_group(**kwargs)
+    return env

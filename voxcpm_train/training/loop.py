@@ -1,0 +1,295 @@
+"""The training loop (nanoGPT-readable): set up, resume, then step / log / validate / sample / save."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from voxcpm_train.config.model import ConfigError
+from voxcpm_train.training import checkpoint as ckio
+from voxcpm_train.training.curriculum import StageStart, build_scheduler, stage_global_batch
+from voxcpm_train.training.metrics import MetricsLogger, plot_loss_curve
+from voxcpm_train.training.signals import StopSignal
+
+log = logging.getLogger("voxcpm_train")
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _all_true(flag: bool) -> bool:
+    t = torch.tensor([0.0 if flag else 1.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
+def _any_true(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0.0
+
+
+class Trainer:
+    """Holds everything of one training process; `run()` is the loop."""
+
+    def __init__(self, job, raw_cfg=None):
+        from voxcpm_train.platform import init_distributed, setup_platform
+
+        self.job = job
+        self.platform = setup_platform(job.platform.device)          # before megatron is imported
+        if job.platform.threads:
+            torch.set_num_threads(int(job.platform.threads))
+        self.env = init_distributed(self.platform)
+        _setup_logging(self.env.rank)
+
+        from voxcpm_train.parallel.state import initialize_model_parallel
+        from megatron.core import parallel_state as ps
+
+        p = job.parallel
+        world = self.env.world_size
+        if world % (p.tp * p.pp) != 0:
+            raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world}")
+        self.dp = world // (p.tp * p.pp)
+        if p.dp is not None and p.dp != self.dp:
+            raise ConfigError(f"parallel.dp={p.dp} but world size {world} / (tp*pp) = {self.dp}")
+        initialize_model_parallel(p.tp, p.pp, seed=job.train.seed)
+        self.ps = ps
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+
+        self.run_dir = Path(job.run.dir)
+        self.ckpt = ckio.CheckpointManager(self.run_dir / "checkpoints", job.checkpoint.keep_last)
+        if self.env.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.ckpt.clean_interrupted()
+        self.raw_cfg = raw_cfg
+
+    # ------------------------------------------------------------------------------------------ #
+    # set-up
+    # ------------------------------------------------------------------------------------------ #
+    def setup(self):
+        job = self.job
+        resume_dir = None
+        if job.checkpoint.resume:
+            resume_dir = ckio.find_latest(self.ckpt.root)
+        if resume_dir is None and job.checkpoint.load:
+            resume_dir = Path(job.checkpoint.load)
+            if not ckio.is_complete(resume_dir):
+                raise ConfigError(f"checkpoint.load={job.checkpoint.load} is not a complete checkpoint")
+        self.resume_dir = resume_dir
+        state = ckio.read_trainer_state(resume_dir) if resume_dir else None
+
+        # where the configured stage starts, and whether this start is a stage switch
+        if state is None:
+            self.start = StageStart(job.stage.name, 0, 0)
+            self.stage_switch = False
+        elif state["stage"]["name"] == job.stage.name:
+            self.start = StageStart(**state["stage"])
+            self.stage_switch = False
+        else:
+            self.start = StageStart(job.stage.name, state["step"], state["scheduler_samples"])
+            self.stage_switch = True
+        self.step = state["step"] if state else 0
+        self.consumed_samples = state["consumed_samples"] if state else 0
+        self.skipped_total = state["skipped_total"] if state else 0
+        self.gbs = stage_global_batch(job)
+        mbs = job.parallel.micro_batch_size
+        if self.gbs % (mbs * self.dp) != 0:
+            raise ConfigError(
+                f"parallel.global_batch_size={job.parallel.global_batch_size} x stage.global_batch_mult="
+                f"{job.stage.global_batch_mult} = {self.gbs} must be a multiple of parallel.micro_batch_size "
+                f"({mbs}) x data-parallel size ({self.dp})")
+        self.num_microbatches = self.gbs // (mbs * self.dp)
+        if self.step >= job.train.max_steps and not self.stage_switch:
+            log.info(f"checkpoint at step {self.step} >= train.max_steps={job.train.max_steps}: nothing to do")
+
+        from voxcpm_train.parallel.checkpoint import load_checkpoint
+        from voxcpm_train.training.build import build_model_and_optimizer
+
+        self.model_chunks, self.optimizer, self.opt_config = build_model_and_optimizer(job, self.platform, self.start)
+        # the scheduler exists before the load: megatron's load_state_dict with override=True keeps the
+        # configured stage values and takes only the consumed samples (num_steps) from the checkpoint
+        self.scheduler = build_scheduler(self.optimizer, job, self.start)
+        if resume_dir is not None:
+            res = load_checkpoint(resume_dir, self.model_chunks, self.optimizer, self.scheduler)
+            if not res.rng_restored:
+                log.info(f"layout changed ({res.saved_layout}): RNG states start fresh")
+
+        from voxcpm_train.training.data import build_data
+
+        self.data = build_data(job, self.dp_rank, self.dp)
+        if state is not None and state.get("data") is not None:
+            # the loader state counts global micro-batches: valid at any DP size; with another blend
+            # (a stage switch) the loader continues every dataset where it stopped
+            self.data.load_state_dict(state["data"])
+        self.write_config()
+        self.metrics = MetricsLogger(self.run_dir, job, enabled=self.env.rank == 0, resume_step=self.step)
+        if resume_dir is not None:
+            what = "stage switch" if self.stage_switch else "resume"
+            log.info(f"{what}: loaded {resume_dir} (step {self.step}, {self.consumed_samples} samples); "
+                     f"stage {self.start.name!r} starts at step {self.start.step}")
+
+    def write_config(self):
+        if self.env.rank != 0:
+            return
+        text = OmegaConf.to_yaml(OmegaConf.structured(self.job))
+        (self.run_dir / "config.yaml").write_text(text)
+        (self.run_dir / f"config_{self.job.stage.name}.yaml").write_text(text)
+
+    # ------------------------------------------------------------------------------------------ #
+    # checkpoint
+    # ------------------------------------------------------------------------------------------ #
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "scheduler_samples": int(self.scheduler.num_steps),
+            "skipped_total": self.skipped_total,
+            "stage": {"name": self.start.name, "step": self.start.step, "samples": self.start.samples},
+            "world": {"tp": self.job.parallel.tp, "pp": self.job.parallel.pp, "dp": self.dp},
+            "global_batch_size": self.gbs,
+        }
+
+    def save(self, reason: str):
+        from voxcpm_train.parallel.checkpoint import save_checkpoint
+
+        t0 = time.time()
+        extra = self.trainer_state()
+        extra["data"] = self.data.state_dict()   # same on every rank: counts global micro-batches
+
+        def write(tmp: Path):
+            save_checkpoint(tmp, self.model_chunks, self.optimizer, self.scheduler, extra_state=extra)
+            if self.env.rank == 0:
+                (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.job)))
+
+        final = self.ckpt.save(self.step, write)
+        log.info(f"checkpoint ({reason}) step {self.step} -> {final} in {time.time() - t0:.1f}s")
+        return final
+
+    # ------------------------------------------------------------------------------------------ #
+    # the loop
+    # ------------------------------------------------------------------------------------------ #
+    def run(self):
+        from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+        from voxcpm_train.parallel.step import train_step
+        from voxcpm_train.training.forward import make_forward_step
+        from voxcpm_train.training.flops import flops_per_position, peak_flops_per_device
+
+        job = self.job
+        stopper = StopSignal()
+        forward_step = make_forward_step(job.model, self.platform.device)
+        seq_len = self.data.seq_length
+        mbs = job.parallel.micro_batch_size
+        fpp = flops_per_position(job.model, seq_len)
+        peak = peak_flops_per_device(job.logging.peak_tflops)
+        world = self.env.world_size
+        last_saved = self.step if self.resume_dir is not None else None
+        t_start, steps_done = time.time(), 0
+        log.info(f"training stage {self.start.name!r}: steps {self.step} -> {job.train.max_steps}, global batch "
+                 f"{self.gbs} rows x {seq_len} positions, {self.num_microbatches} micro-batches of {mbs} per "
+                 f"rank, tp={job.parallel.tp} pp={job.parallel.pp} dp={self.dp}")
+        while self.step < job.train.max_steps:
+            t0 = time.time()
+            lr = get_canonical_lr_for_logging(self.optimizer.param_groups)
+            counter = self.data.position_counter()
+            res = train_step(forward_step, self.data, self.model_chunks, self.optimizer, self.scheduler,
+                             num_microbatches=self.num_microbatches, seq_length=2 * seq_len,
+                             micro_batch_size=mbs, increment=self.gbs)
+            self.step += 1
+            self.consumed_samples += self.gbs
+            self.skipped_total += int(res.skipped)
+            dt = time.time() - t0
+            steps_done += 1
+            tokens = self._global_sum(self.data.position_counter() - counter)
+            n = max(res.num_tokens, 1)
+            rec = {
+                "step": self.step, "loss": res.loss,
+                "loss_diff": res.logs.get("diff_sum", float("nan")) / n,
+                "loss_stop": res.logs.get("stop_sum", float("nan")) / n,
+                "lr": lr, "grad_norm": res.grad_norm, "skipped": bool(res.skipped),
+                "skipped_total": self.skipped_total, "samples_per_s": self.gbs / dt,
+                "tokens_per_s": tokens / dt, "loss_positions": res.num_tokens,
+                "consumed_samples": self.consumed_samples, "global_batch_size": self.gbs,
+                "stage": self.start.name, "max_steps": job.train.max_steps, "step_time_s": dt,
+                "mfu": (fpp * tokens / dt / (peak * world)) if peak else None,
+            }
+            eta = (time.time() - t_start) / steps_done * (job.train.max_steps - self.step)
+            self.metrics.log_step(rec, eta, console=(self.step % job.logging.log_every == 0
+                                                     or self.step == job.train.max_steps or self.step == 1))
+            if job.logging.val_every and self.step % job.logging.val_every == 0:
+                self.validate()
+            if job.logging.sample_every and self.step % job.logging.sample_every == 0:
+                self.generate_samples()
+            if job.checkpoint.every and self.step % job.checkpoint.every == 0:
+                self.save("periodic")
+                last_saved = self.step
+            if _any_true(stopper.received is not None):
+                log.warning(f"received {stopper.name}: checkpointing at step {self.step} and exiting")
+                if last_saved != self.step:
+                    self.save(f"signal {stopper.name}")
+                    last_saved = self.step
+                if job.checkpoint.exit_on_signal:
+                    self.finish(plot=False)
+                    return "signal"
+                stopper.reset()
+        if job.checkpoint.save_at_end and last_saved != self.step:
+            self.save("end")
+        self.finish(plot=job.logging.loss_plot)
+        return "done"
+
+    def _global_sum(self, local: int) -> int:
+        """Real positions of this step over all data-parallel ranks (first TP/PP rank of each counts)."""
+        t = torch.tensor([float(local) if (self.ps.get_tensor_model_parallel_rank() == 0
+                                           and self.ps.get_pipeline_model_parallel_rank() == 0) else 0.0])
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def validate(self):
+        from voxcpm_train.training.evaluate import validation_loss
+
+        rec = validation_loss(self)
+        if rec is not None:
+            self.metrics.log_val(self.step, rec)
+
+    def generate_samples(self):
+        from voxcpm_train.training.evaluate import generate_samples
+
+        generate_samples(self)
+
+    def finish(self, plot: bool):
+        if self.env.rank == 0 and plot:
+            png = plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
+                                  self.run_dir / "val_metrics.jsonl")
+            if png:
+                log.info(f"loss curve -> {png}")
+        self.metrics.finish()
+        dist.barrier()
+
+
+def train(job, raw_cfg=None) -> str:
+    trainer = Trainer(job, raw_cfg)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        from voxcpm_train.parallel.state import destroy_model_parallel
+
+        try:
+            destroy_model_parallel()
+        except Exception:
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
