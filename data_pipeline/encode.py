@@ -36,7 +36,7 @@ META_KEYS = ("text", "speaker", "language", "description", "id", "dnsmos", "data
 class EncodeOptions:
     min_seconds: float = 0.5
     max_seconds: float = 30.0
-    batch_seconds: float = 120.0        # padded audio seconds per encoder call
+    batch_seconds: float = 32.0         # padded audio seconds per encoder call
     chunk_seconds: float = 1800.0       # decoded audio held in memory per unit at once
     frames_multiple: int = 4            # pad audio so T is a multiple of this (= patch size; reference packer)
     samples_per_shard: int = 2000       # for manifests / folders
@@ -174,6 +174,8 @@ def encode_unit(unit: Unit, encoder: LatentEncoder, out_dir: Path, pbar: Progres
         skipped[e.reason] += 1
         log.warning("skip %s: %s%s", e.reason, e.key, f" ({e.detail})" if e.detail else "")
 
+    for stale in out_dir.glob(f"{unit.name}.*.tmp-*"):   # leftovers of a killed run of this unit
+        stale.unlink(missing_ok=True)
     pending_seconds = 0.0
     keys_seen: set[str] = set()
     for s in unit.samples():

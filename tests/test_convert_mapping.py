@@ -193,3 +193,28 @@ def test_diverged_replicated_tensor_is_an_error(cfg, ref_sd):
     shards[0][1]["stop_proj.bias"] = shards[0][1]["stop_proj.bias"] + 1e-7
     with pytest.raises(ConversionError, match="stop_proj.bias .* replicated but tp_rank 1 differs"):
         ours_to_reference(shards, cfg)
+
+
+def test_table_covers_the_released_2b_model():
+    """The released VoxCPM2 config.json, built by the reference on the meta device: the table names
+    exactly its 577 non-VAE parameters."""
+    import json
+    from pathlib import Path
+
+    from voxcpm.model.voxcpm2 import VoxCPM2Model, VoxCPMConfig
+    from voxcpm.modules.audiovae import AudioVAEConfigV2, AudioVAEV2
+
+    from voxcpm_train.config.model import from_reference_config
+    from voxcpm_train.convert.tiny import make_tokenizer
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "model" / "voxcpm2_2b.yaml"
+    cfg = load_model_preset(str(path))
+    from voxcpm_train.convert.folder import export_reference_config
+
+    ref_json = export_reference_config(cfg, {"device": "cpu"})
+    with torch.device("meta"):
+        model = VoxCPM2Model(VoxCPMConfig.model_validate(ref_json), make_tokenizer(8), AudioVAEV2(AudioVAEConfigV2()), device="cpu")
+    names = {k for k in model.state_dict() if not k.startswith("audio_vae.")}
+    assert len(names) == 577
+    assert set(reference_keys(cfg)) == names
+    assert from_reference_config(ref_json).lm == cfg.lm

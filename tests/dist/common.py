@@ -20,6 +20,86 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 VOCAB, SEQ, GLOBAL_BATCH, MBS, LAYERS, HIDDEN = 64, 16, 8, 2, 4, 32
+MODEL = os.environ.get("VOXCPM_TEST_MODEL", "voxcpm")  # voxcpm | gpt (megatron GPT stand-in)
+T_VOX = 24  # positions per VoxCPM row; the schedule's seq_length is 2T
+
+
+def voxcpm_provider(pre_process: bool, post_process: bool):
+    from voxcpm_train.config.model import load_model_preset
+    from voxcpm_train.model import VoxCPMModel
+
+    return VoxCPMModel(load_model_preset("tiny"), pre_process=pre_process,
+                       post_process=post_process)
+
+
+def _voxcpm_sample(gen, P, D):
+    """[text..., 101, audio x A, 102] or [103, ref x R, 104, text..., 101, audio x A, 102]."""
+    text = lambda n: [5 + int(x) for x in torch.randint(0, 200, (n,), generator=gen)]
+    a = int(torch.randint(2, 6, (), generator=gen))
+    if int(torch.randint(0, 2, (), generator=gen)):
+        parts = [("t", text(3) + [101]), ("target", a), ("t", [102])]
+    else:
+        parts = [("t", [103]), ("ref", 2), ("t", [104] + text(2) + [101]), ("target", a), ("t", [102])]
+    f = {k: [] for k in ("text_tokens", "text_mask", "audio_mask", "loss_mask", "labels")}
+    feats = []
+    for what, spec in parts:
+        n = len(spec) if what == "t" else spec
+        f["text_tokens"] += spec if what == "t" else [0] * n
+        f["text_mask"] += [float(what == "t")] * n
+        f["audio_mask"] += [float(what != "t")] * n
+        f["loss_mask"] += [float(what == "target")] * n
+        f["labels"] += [0] * (n - 1) + [int(what == "target")]
+        feats.append(torch.zeros(n, P, D) if what == "t" else torch.randn(n, P, D, generator=gen))
+    return f, torch.cat(feats)
+
+
+def voxcpm_global_batch(step: int) -> dict:
+    """GLOBAL_BATCH packed rows of T_VOX positions (micro-batch format of docs/architecture.md)."""
+    P, D = 4, 64
+    g = torch.Generator().manual_seed(2000 + step)
+    rows = []
+    for r in range(GLOBAL_BATCH):
+        cols = {k: [] for k in ("text_tokens", "text_mask", "audio_mask", "loss_mask", "labels",
+                                "position_ids", "segment_ids")}
+        feats, seg = [], 0
+        while True:
+            f, x = _voxcpm_sample(g, P, D)
+            n = len(f["text_tokens"])
+            if len(cols["text_tokens"]) + n > T_VOX:
+                break
+            seg += 1
+            for k in f:
+                cols[k] += f[k]
+            cols["position_ids"] += list(range(n))
+            cols["segment_ids"] += [seg] * n
+            feats.append(x)
+        pad = T_VOX - len(cols["text_tokens"])
+        for k in cols:
+            cols[k] += [0] * pad
+        feats.append(torch.zeros(pad, P, D))
+        row = {k: torch.tensor(v, dtype=torch.float32 if "mask" in k else torch.long)
+               for k, v in cols.items()}
+        row["audio_feats"] = torch.cat(feats)
+        rows.append(row)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    batch["row_seeds"] = 10_000 * step + torch.arange(GLOBAL_BATCH)
+    return batch
+
+
+def voxcpm_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    poison = batch.pop("poison", False)
+    out = model(batch)
+
+    def loss_func(o):
+        diff, stop = o["diff_sum"].float(), o["stop_sum"].float()
+        loss_sum = diff + stop
+        if poison:
+            loss_sum = loss_sum * float("nan")
+        n = o["num_loss_positions"]
+        return loss_sum, n, {"loss_sum": loss_sum.detach(), "n": n, "diff_sum": diff.detach()}
+
+    return out, loss_func
 
 
 def gpt_provider(pre_process: bool, post_process: bool):
@@ -61,7 +141,8 @@ def local_microbatches(step: int, nan: bool = False) -> list[dict]:
 
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per = GLOBAL_BATCH // dp
-    b = {k: v[r * per:(r + 1) * per] for k, v in global_batch(step).items()}
+    full = voxcpm_global_batch(step) if MODEL == "voxcpm" else global_batch(step)
+    b = {k: v[r * per:(r + 1) * per] for k, v in full.items()}
     mbs = [{k: v[i:i + MBS] for k, v in b.items()} for i in range(0, per, MBS)]
     if nan:
         for m in mbs:
@@ -96,7 +177,7 @@ def setup(tp: int, pp: int, use_dist_opt: bool, seed: int = 1234):
 
     initialize_model_parallel(tp, pp, seed=seed)
     ddp = DistributedDataParallelConfig(use_distributed_optimizer=use_dist_opt)
-    chunks = build_model_chunks(gpt_provider, ddp)
+    chunks = build_model_chunks(voxcpm_provider if MODEL == "voxcpm" else gpt_provider, ddp)
     opt = build_optimizer(OptimizerConfig(
         optimizer="adam", lr=3e-3, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
         clip_grad=1.0, use_distributed_optimizer=use_dist_opt), chunks)
@@ -111,8 +192,10 @@ def run_steps(chunks, opt, sched, steps, nan_steps=()) -> list:
     out = []
     for step in steps:
         mbs = local_microbatches(step, nan=step in nan_steps)
-        res = train_step(forward_step, iter(mbs), chunks, opt, sched, num_microbatches=len(mbs),
-                         seq_length=SEQ, micro_batch_size=MBS, increment=1)
+        fwd, seq = ((voxcpm_forward_step, 2 * T_VOX) if MODEL == "voxcpm"
+                    else (forward_step, SEQ))
+        res = train_step(fwd, iter(mbs), chunks, opt, sched, num_microbatches=len(mbs),
+                         seq_length=seq, micro_batch_size=MBS, increment=1)
         out.append({"step": step, "loss": res.loss, "grad_norm": res.grad_norm,
                     "skipped": res.skipped, "lr": res.lr, "num_tokens": res.num_tokens,
                     "log_loss": res.logs["loss_sum"] / res.logs["n"]})

@@ -182,6 +182,7 @@ def import_folder(src, dst, model_config=None) -> Path:
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"{dst} exists and is not empty")
     ours = reference_to_ours(folder.weights, config)
+    folder.weights = None  # ours shares the unchanged tensors; drop the rest before building the model
     with single_process_megatron():
         model = build_model(config)
         load_into_model(model, ours)

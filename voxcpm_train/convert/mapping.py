@@ -24,12 +24,15 @@ Tensor-parallel splits of our tensor (megatron's layers):
                  must agree bit for bit.
 
 Pipeline: the TSLM (``base_lm``) and RALM (``residual_lm``) layers form one list of
-``L_b + L_r`` layers cut into stages by ``config.pipeline_layers`` (even split when unset); a
-stage's state dict numbers each stack's layers from 0. Other parameters live on ``first``,
+``L_b + L_r`` layers cut into stages exactly as the model cuts them
+(:func:`voxcpm_train.model.pipeline.stage_layers`: ``config.pipeline_layers``, or an even split with
+the first stages taking one extra); a stage's state dict numbers each stack's layers from 0. Other parameters live on ``first``,
 ``last`` or ``tslm_end`` (the stage that holds the last TSLM layer).
 
 The public functions are pure (state dicts in, state dicts out); anything not accounted for by the
-table raises :class:`ConversionError` naming every offending key.
+table raises :class:`ConversionError` naming every offending key. megatron's ``*._extra_state``
+entries (None for local linears, fp8 metadata under Transformer Engine) carry no weights and are
+skipped on the way out.
 """
 
 from __future__ import annotations
@@ -119,32 +122,34 @@ STACKS: Tuple[Stack, ...] = (
 )
 
 
-def _linear(ours: str, ref: str, stage: str, bias: bool = True, arch: Optional[str] = None) -> Tuple[Row, ...]:
-    rows = (Row(f"{ours}.weight", (f"{ref}.weight",), stage=stage, arch=arch),)
+def _linear(name: str, stage: str, bias: bool = True, arch: Optional[str] = None) -> Tuple[Row, ...]:
+    """A plain ``torch.nn.Linear`` kept under its reference name on one stage (replicated over TP)."""
+    rows = (Row(f"{name}.weight", (f"{name}.weight",), stage=stage, arch=arch),)
     if bias:
-        rows += (Row(f"{ours}.bias", (f"{ref}.bias",), stage=stage, arch=arch),)
+        rows += (Row(f"{name}.bias", (f"{name}.bias",), stage=stage, arch=arch),)
     return rows
 
 
+_DIT = "feat_decoder.estimator."
 SINGLE_ROWS: Tuple[Row, ...] = (
     Row("text_embedding.weight", ("base_lm.embed_tokens.weight",), IDENTITY, VOCAB, FIRST),
     Row("feat_encoder.special_token", ("feat_encoder.special_token",), stage=FIRST),
-    *_linear("feat_encoder.in_proj", "feat_encoder.in_proj", FIRST),
-    *_linear("enc_to_lm_proj", "enc_to_lm_proj", FIRST),
-    *_linear("fsq_layer.in_proj", "fsq_layer.in_proj", TSLM_END),
-    *_linear("fsq_layer.out_proj", "fsq_layer.out_proj", TSLM_END),
-    *_linear("fusion_concat_proj", "fusion_concat_proj", TSLM_END, arch="voxcpm2"),
-    *_linear("lm_to_dit_proj", "lm_to_dit_proj", LAST),
-    *_linear("res_to_dit_proj", "res_to_dit_proj", LAST),
-    *_linear("feat_decoder.estimator.in_proj", "feat_decoder.estimator.in_proj", LAST),
-    *_linear("feat_decoder.estimator.cond_proj", "feat_decoder.estimator.cond_proj", LAST),
-    *_linear("feat_decoder.estimator.out_proj", "feat_decoder.estimator.out_proj", LAST),
-    *_linear("feat_decoder.estimator.time_mlp.linear_1", "feat_decoder.estimator.time_mlp.linear_1", LAST),
-    *_linear("feat_decoder.estimator.time_mlp.linear_2", "feat_decoder.estimator.time_mlp.linear_2", LAST),
-    *_linear("feat_decoder.estimator.delta_time_mlp.linear_1", "feat_decoder.estimator.delta_time_mlp.linear_1", LAST),
-    *_linear("feat_decoder.estimator.delta_time_mlp.linear_2", "feat_decoder.estimator.delta_time_mlp.linear_2", LAST),
-    *_linear("stop_proj", "stop_proj", LAST),
-    *_linear("stop_head", "stop_head", LAST, bias=False),
+    *_linear("feat_encoder.in_proj", FIRST),
+    *_linear("enc_to_lm_proj", FIRST),
+    *_linear("fsq_layer.in_proj", TSLM_END),
+    *_linear("fsq_layer.out_proj", TSLM_END),
+    *_linear("fusion_concat_proj", TSLM_END, arch="voxcpm2"),
+    *_linear("lm_to_dit_proj", LAST),
+    *_linear("res_to_dit_proj", LAST),
+    *_linear(_DIT + "in_proj", LAST),
+    *_linear(_DIT + "cond_proj", LAST),
+    *_linear(_DIT + "out_proj", LAST),
+    *_linear(_DIT + "time_mlp.linear_1", LAST),
+    *_linear(_DIT + "time_mlp.linear_2", LAST),
+    *_linear(_DIT + "delta_time_mlp.linear_1", LAST),
+    *_linear(_DIT + "delta_time_mlp.linear_2", LAST),
+    *_linear("stop_proj", LAST),
+    *_linear("stop_head", LAST, bias=False),
 )
 
 

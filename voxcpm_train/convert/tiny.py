@@ -14,7 +14,7 @@ import torch
 
 from voxcpm_train.convert.folder import ReferenceFolder, export_reference_config, write_reference_folder
 
-__all__ = ["TINY_AUDIO_VAE", "write_tokenizer", "random_reference_model", "write_random_reference_folder"]
+__all__ = ["TINY_AUDIO_VAE", "make_tokenizer", "write_tokenizer", "random_reference_model", "write_random_reference_folder"]
 
 # AudioVAE V2 small enough to build in milliseconds (hop 10, 64 latent channels like the real one).
 TINY_AUDIO_VAE = {
@@ -29,7 +29,7 @@ TINY_AUDIO_VAE = {
 }
 
 
-def _tokenizer(vocab_size: int):
+def make_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaTokenizerFast
 
@@ -44,7 +44,7 @@ def _tokenizer(vocab_size: int):
 
 def write_tokenizer(path, vocab_size: int) -> None:
     """A word-level ``LlamaTokenizerFast`` of ``vocab_size`` ids saved into ``path``."""
-    _tokenizer(vocab_size).save_pretrained(str(path))
+    make_tokenizer(vocab_size).save_pretrained(str(path))
 
 
 def random_reference_model(model_config, audio_vae_config: Optional[dict] = None, seed: int = 0):
@@ -58,7 +58,7 @@ def random_reference_model(model_config, audio_vae_config: Optional[dict] = None
     vae_cfg = dict(audio_vae_config or TINY_AUDIO_VAE)
     ref = export_reference_config(model_config, {"audio_vae_config": vae_cfg, "device": "cpu"}, dtype="float32")
     config = VoxCPMConfig.model_validate(ref)
-    model = VoxCPM2Model(config, _tokenizer(model_config.vocab_size), AudioVAEV2(AudioVAEConfigV2(**vae_cfg)), device="cpu")
+    model = VoxCPM2Model(config, make_tokenizer(model_config.vocab_size), AudioVAEV2(AudioVAEConfigV2(**vae_cfg)), device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):

@@ -1,6 +1,7 @@
 """The MiniCPM-4 transformer layer as a megatron-core `ModuleSpec`.
 
-pre-norm RMSNorm (variance in fp32) -> SelfAttention (fused QKV, GQA, no bias) -> residual add;
+pre-norm RMSNorm (variance in fp32) -> SelfAttention (fused QKV, GQA, no bias, LongRoPE on q/k in
+fp32) -> residual add;
 RMSNorm -> SwiGLU MLP (`gated_linear_unit=True`, silu, no bias) -> residual add. With μP each residual
 branch is scaled by `scale_depth / sqrt(num_layers)` through `ScaledBiasDropoutAdd`.
 """
@@ -17,6 +18,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from voxcpm_train.model.rope import apply_rope_fp32
 
 
 class RMSNorm(torch.nn.Module):
@@ -35,6 +38,28 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+class LongRoPESelfAttention(SelfAttention):
+    """megatron `SelfAttention` that applies our LongRoPE (`rotary_pos_emb` = cos_sin [2, S, B, 1, d]
+    from `rope.LongRoPE`) to q and k in fp32 right after the QKV projection; megatron's own RoPE
+    path is not used (it rotates in the activation dtype)."""
+
+    _cos_sin = None
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None, rotary_pos_emb=None, **kwargs):
+        self._cos_sin = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._cos_sin = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        qkv = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._cos_sin is None:
+            return qkv
+        query, key, *rest = qkv
+        return (apply_rope_fp32(query, self._cos_sin), apply_rope_fp32(key, self._cos_sin), *rest)
 
 
 class ScaledBiasDropoutAdd:
@@ -63,7 +88,7 @@ def minicpm_layer_spec(core_attention: type, causal: bool, residual_scale: float
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=LongRoPESelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,

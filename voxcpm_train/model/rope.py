@@ -1,9 +1,9 @@
 """LongRoPE for megatron-core attention: rotate-half RoPE with per-dimension frequency factors.
 
-Frequencies are computed in fp32 from per-row `position_ids` [B, T] so packed samples keep their own
-positions; megatron's `apply_rotary_pos_emb` (`rotary_interleaved=False`) applies them. The LongRoPE
-attention factor s (1.0 for the released model) scales cos and sin; q·k then grows by s², which
-`longrope_softmax_scale` folds into the softmax scale.
+cos/sin are computed in fp32 from per-row `position_ids` [B, T] so packed samples keep their own
+positions, and applied to q and k in fp32 (as the reference does) by `apply_rope_fp32`, called from
+`LongRoPESelfAttention` (layer_spec.py). The LongRoPE attention factor s (1.0 for the released model)
+scales cos and sin; q·k then grows by s², which `longrope_softmax_scale` folds into the softmax scale.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from voxcpm_train.config.model import RopeConfig, rope_factors, rope_scaling_fac
 
 
 class LongRoPE(torch.nn.Module):
-    """`forward(position_ids [B, T] int) -> freqs [T, B, 1, head_dim]` (fp32, radians)."""
+    """`forward(position_ids [B, T] int) -> cos_sin [2, T, B, 1, head_dim]` (fp32)."""
 
     def __init__(self, head_dim: int, rope: RopeConfig):
         super().__init__()
@@ -32,8 +32,16 @@ class LongRoPE(torch.nn.Module):
         inv_freq = self.inv_freq.to(pos.device)
         inv_factors = self.inv_factors.to(pos.device)
         freqs = (pos.unsqueeze(-1) * inv_factors) * inv_freq  # [B, T, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout
-        return emb.transpose(0, 1).unsqueeze(2).contiguous()
+        emb = torch.cat((freqs, freqs), dim=-1).transpose(0, 1).unsqueeze(2)  # [T, B, 1, d], rotate-half layout
+        return torch.stack((emb.cos(), emb.sin()))
+
+
+def apply_rope_fp32(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [S, B, heads, d] by cos_sin [2, S, B or 1, 1, d] in fp32; returns x's dtype."""
+    cos, sin = cos_sin[0], cos_sin[1]
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 def longrope_softmax_scale(head_dim: int, rope: RopeConfig) -> float:

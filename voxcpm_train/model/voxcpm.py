@@ -202,9 +202,9 @@ class VoxCPMModel(MegatronModule):
             hidden, side = self.input_tensor[:T], self.input_tensor[T:]
 
         attention_mask = segment_attention_mask(segment_ids, causal=True) if segment_ids is not None else None
-        freqs = self.rope(position_ids) if hasattr(self, "rope") else None
+        cos_sin = self.rope(position_ids) if hasattr(self, "rope") else None
         if hasattr(self, "base_lm"):
-            hidden = self.base_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=freqs)
+            hidden = self.base_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=cos_sin)
         if self.layout.holds_last_base_layer:
             h_fsq = self.fsq_layer(hidden) * mask_tb(audio_mask) + hidden * mask_tb(text_mask)
             feat = mask_tb(audio_mask) * side
@@ -214,8 +214,8 @@ class VoxCPMModel(MegatronModule):
                 hidden = h_fsq + feat
             side = h_fsq
         if hasattr(self, "residual_lm"):
-            res_freqs = None if cfg.residual_lm_no_rope else freqs
-            hidden = self.residual_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=res_freqs)
+            res_cos_sin = None if cfg.residual_lm_no_rope else cos_sin
+            hidden = self.residual_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=res_cos_sin)
         if not self.post_process:
             return torch.cat([hidden, side], dim=0)
         return self._losses(batch, side.transpose(0, 1), hidden.transpose(0, 1), segment_ids, draws)

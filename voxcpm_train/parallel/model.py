@@ -37,6 +37,9 @@ def build_model_chunks(
         raise TypeError(f"model provider returned {type(model).__name__} without a .config")
     if not hasattr(model, "model_type"):
         model.model_type = ModelType.encoder_or_decoder
+    if not hasattr(model, "share_embeddings_and_output_weights"):
+        # finalize_model_grads (PP > 1) asks every chunk; only LanguageModule defines it
+        model.share_embeddings_and_output_weights = False
     config.calculate_per_token_loss = True
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)

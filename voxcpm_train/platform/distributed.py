@@ -23,8 +23,8 @@ class DistEnv:
     master_port: int
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+def _slurm_master_addr(env) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return "127.0.0.1"
     # "node[01-04,07],other" -> "node01"; plain lists -> first entry.
@@ -46,7 +46,7 @@ def dist_env(environ=None) -> DistEnv:
         local = int(env.get("SLURM_LOCALID", 0))
     else:
         rank, world, local = 0, 1, 0
-    addr = env.get("MASTER_ADDR") or (_slurm_master_addr() if "SLURM_PROCID" in env else "127.0.0.1")
+    addr = env.get("MASTER_ADDR") or (_slurm_master_addr(env) if "SLURM_PROCID" in env else "127.0.0.1")
     port = int(env.get("MASTER_PORT", 29500))
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world size {world}")

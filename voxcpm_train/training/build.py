@@ -62,6 +62,8 @@ def build_model_and_optimizer(job, platform, start):
 
     def provider(pre_process: bool, post_process: bool):
         model = VoxCPMModel(job.model, pre_process=pre_process, post_process=post_process)
+        if not hasattr(model, "share_embeddings_and_output_weights"):
+            model.share_embeddings_and_output_weights = False   # read by finalize_model_grads at PP > 1
         cfg = model.config
         cfg.sequence_parallel = bool(p.sequence_parallel)
         if p.recompute != "none":

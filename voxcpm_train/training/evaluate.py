@@ -62,22 +62,25 @@ def validation_loss(trainer) -> dict | None:
     return {"loss": lam_d * diff + lam_s * stop, "loss_diff": diff, "loss_stop": stop}
 
 
+def vae_seed(job) -> int:
+    """Seed of the random-init AudioVAE the first dataset was encoded with (recorded in its meta.json)."""
+    first = job.data.datasets[0]
+    meta = Path(first["path"] if isinstance(first, dict) else first.path) / "meta.json"
+    if meta.is_file():
+        vae = json.loads(meta.read_text()).get("vae", {})
+        if vae.get("weights") == "random_init":
+            return int(vae.get("seed", 0))
+    return 0
+
+
 def load_vae_decoder(job):
     """AudioVAE V2 (with decoder) as the data was encoded: data.encode.vae_path, or the seeded random
     init recorded next to the latents (demo)."""
     from data_pipeline.audio_vae import AudioVAEConfig, load_audio_vae
 
     enc = job.data.encode
-    seed = 0
-    first = job.data.datasets[0]
-    path = Path(first["path"] if isinstance(first, dict) else first.path)
-    for name in ("meta.json",):
-        if (path / name).is_file():
-            try:
-                seed = int(json.loads((path / name).read_text()).get("vae", {}).get("seed", 0))
-            except (ValueError, AttributeError):
-                pass
-    vae, _ = load_audio_vae(enc.vae_path, AudioVAEConfig.preset(enc.vae_config), with_decoder=True, seed=seed)
+    vae, _ = load_audio_vae(enc.vae_path, AudioVAEConfig.preset(enc.vae_config), with_decoder=True,
+                            seed=vae_seed(job))
     return vae
 
 

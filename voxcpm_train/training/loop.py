@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from voxcpm_train.config.model import ConfigError
 from voxcpm_train.training import checkpoint as ckio
+from voxcpm_train.training.assets import link_assets, write_run_assets
 from voxcpm_train.training.curriculum import StageStart, build_scheduler, stage_global_batch
 from voxcpm_train.training.metrics import MetricsLogger, plot_loss_curve
 from voxcpm_train.training.signals import StopSignal
@@ -144,6 +145,7 @@ class Trainer:
     def write_config(self):
         if self.env.rank != 0:
             return
+        write_run_assets(self.job, self.run_dir)
         text = OmegaConf.to_yaml(OmegaConf.structured(self.job))
         (self.run_dir / "config.yaml").write_text(text)
         (self.run_dir / f"config_{self.job.stage.name}.yaml").write_text(text)
@@ -173,6 +175,7 @@ class Trainer:
             save_checkpoint(tmp, self.model_chunks, self.optimizer, self.scheduler, extra_state=extra)
             if self.env.rank == 0:
                 (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.job)))
+                link_assets(tmp)   # voxcpm-export reads <ckpt>/hf_assets
 
         final = self.ckpt.save(self.step, write)
         log.info(f"checkpoint ({reason}) step {self.step} -> {final} in {time.time() - t0:.1f}s")
