@@ -35,15 +35,15 @@ def megatron_single():
     yield
 
 
-def run_torchrun(script, *args, nproc: int = 2, timeout: float = 300.0):
-    """Launch ``script`` under torchrun (gloo, one thread per process); raise with the log tail
-    on failure or timeout. Returns the combined output."""
+def run_torchrun(script, *args, nproc: int = 2, timeout: float = 300.0, env: dict | None = None):
+    """Launch ``script`` under torchrun (gloo, one thread per process; ``env`` added to the
+    environment); raise with the log tail on failure or timeout. Returns the combined output."""
     import os
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

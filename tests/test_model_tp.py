@@ -1,6 +1,8 @@
-"""Tensor parallelism (2 processes, gloo, CPU): the TP=2 model loaded from the reference weights
-matches the reference losses and grads (gathered through the converter), and replicated parameters
-get bit-identical grads on both TP ranks and carry `average_gradients_across_tp_domain`."""
+"""Tensor parallelism (2 processes, gloo, CPU), without and with sequence parallelism: the TP=2 model
+loaded from the reference weights matches the reference losses and grads (gathered through the
+converter) after megatron's own TP grad reduction (`_allreduce_non_tensor_model_parallel_grads`:
+average for replicated params, sum for sequence-parallel ones); replicated params then hold
+bit-identical grads on both ranks (the converter's gather checks it)."""
 
 from __future__ import annotations
 
@@ -37,27 +39,15 @@ def _worker(rank: int, port: int, out_path: str):
     from voxcpm_train.convert.mapping import ours_to_reference, reference_to_ours
     from voxcpm_train.model import VoxCPMModel
 
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
     cfg = load_model_preset("tiny")
     torch.manual_seed(0)
     ref = build_reference(cfg)  # same init on both ranks (same seed)
-    model = VoxCPMModel(cfg).train()
-    model.load_state_dict(reference_to_ours(ref.state_dict(), cfg, tp_size=TP, tp_rank=rank), strict=True)
-
     batch = make_batch(cfg)
     B, T, P, D = batch["audio_feats"].shape
     draws = replay_reference_draws(SEED, B * T, P, D, cfg.flow.cfg_rate, cfg.flow.t_mu, cfg.flow.t_sigma)
-    out = model(batch, draws=draws)
-    n = out["num_loss_positions"]
-    diff, stop = out["diff_sum"] / n, out["stop_sum"] / n
-    (diff + stop).backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    gathered = [None] * TP
-    dist.all_gather_object(gathered, grads)
-    unmarked = [
-        name for name, p in model.named_parameters()
-        if not getattr(p, "tensor_model_parallel", False) and not getattr(p, "average_gradients_across_tp_domain", False)
-    ]
-    split = sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     if rank == 0:
         torch.manual_seed(SEED)
         ref_out = ref(
@@ -65,22 +55,43 @@ def _worker(rank: int, port: int, out_path: str):
             batch["loss_mask"], batch["position_ids"], batch["labels"],
         )
         (ref_out["loss/diff"] + ref_out["loss/stop"]).backward()
-        # ours_to_reference raises if a replicated tensor differs in any bit between the TP ranks.
-        ours_ref = ours_to_reference([gathered], cfg)
         ref_grads = {k: p.grad for k, p in ref.named_parameters()}
-        grad_err = {k: max_rel(ours_ref[k], ref_grads[k]) for k in ref_grads if ref_grads[k].abs().max() > 0}
-        result = {
-            "diff": abs(float(diff) / float(ref_out["loss/diff"]) - 1),
-            "stop": abs(float(stop) / float(ref_out["loss/stop"]) - 1),
-            "grad": max(grad_err.values()),
-            "grad_at": max(grad_err, key=grad_err.get),
-            "n_grads": len(grad_err),
-            "n_ref": len(ref_grads),
-            "unmarked": unmarked,
-            "tp_split_params": split,
-        }
+
+    results = {}
+    for sp in (False, True):
+        model = VoxCPMModel(cfg, sequence_parallel=sp).train()
+        model.load_state_dict(reference_to_ours(ref.state_dict(), cfg, tp_size=TP, tp_rank=rank), strict=True)
+        out = model(batch, draws=draws)
+        n = out["num_loss_positions"]
+        diff, stop = out["diff_sum"] / n, out["stop_sum"] / n
+        (diff + stop).backward()
+        model.ddp_config = DistributedDataParallelConfig()  # what finalize_model_grads reads off a DDP chunk
+        _allreduce_non_tensor_model_parallel_grads([model], model.config)
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        gathered = [None] * TP
+        dist.all_gather_object(gathered, grads)
+        unmarked = [
+            name for name, p in model.named_parameters()
+            if not any(getattr(p, a, False) for a in ("tensor_model_parallel", "average_gradients_across_tp_domain", "sequence_parallel"))
+        ]
+        if rank == 0:
+            # ours_to_reference raises if a replicated tensor differs in any bit between the TP ranks.
+            ours_ref = ours_to_reference([gathered], cfg)
+            grad_err = {k: max_rel(ours_ref[k], ref_grads[k]) for k in ref_grads if ref_grads[k].abs().max() > 0}
+            results[f"sp={sp}"] = {
+                "diff": abs(float(diff) / float(ref_out["loss/diff"]) - 1),
+                "stop": abs(float(stop) / float(ref_out["loss/stop"]) - 1),
+                "grad": max(grad_err.values()),
+                "grad_at": max(grad_err, key=grad_err.get),
+                "n_grads": len(grad_err),
+                "n_ref": len(ref_grads),
+                "unmarked": unmarked,
+                "tp_split_params": sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False)),
+                "sp_params": sum(1 for p in model.parameters() if getattr(p, "sequence_parallel", False)),
+            }
+    if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(result, f)
+            json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -91,9 +102,11 @@ def test_tensor_parallel_matches_reference(tmp_path):
 
     out_path = tmp_path / "tp.json"
     mp.start_processes(_worker, args=(free_port(), str(out_path)), nprocs=TP, start_method="spawn")
-    result = json.loads(out_path.read_text())
-    print(f"\nTP={TP} vs reference: {result}")
-    assert result["diff"] < 1e-5 and result["stop"] < 1e-5, result
-    assert result["grad"] < 1e-4, result
-    assert result["n_grads"] == result["n_ref"]
-    assert result["unmarked"] == [] and result["tp_split_params"] > 0
+    results = json.loads(out_path.read_text())
+    for name, result in results.items():
+        print(f"\nTP={TP} {name} vs reference: {result}")
+        assert result["diff"] < 1e-5 and result["stop"] < 1e-5, result
+        assert result["grad"] < 1e-4, result
+        assert result["n_grads"] == result["n_ref"]
+        assert result["unmarked"] == [] and result["tp_split_params"] > 0
+    assert results["sp=False"]["sp_params"] == 0 and results["sp=True"]["sp_params"] > 0

@@ -102,7 +102,7 @@ def voxcpm_forward_step(data_iterator, model):
     return out, loss_func
 
 
-def gpt_provider(pre_process: bool, post_process: bool):
+def gpt_provider(pre_process: bool, post_process: bool, dtype=torch.float32):
     """A 4-layer SwiGLU/RMSNorm GPT (megatron local spec), untied embeddings."""
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
@@ -114,8 +114,8 @@ def gpt_provider(pre_process: bool, post_process: bool):
         num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, init_method_std=0.05, params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        use_cpu_initialization=True, init_method_std=0.05, params_dtype=dtype,
+        pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
     )
@@ -167,8 +167,10 @@ def forward_step(data_iterator, model):
     return out, loss_func
 
 
-def setup(tp: int, pp: int, use_dist_opt: bool, seed: int = 1234):
-    """Groups + model + optimizer + scheduler for one layout."""
+def setup(tp: int, pp: int, use_dist_opt: bool, seed: int = 1234, bf16: bool = False):
+    """Groups + model + optimizer + scheduler for one layout (bf16: GPT with fp32 main params)."""
+    import functools
+
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
@@ -176,12 +178,17 @@ def setup(tp: int, pp: int, use_dist_opt: bool, seed: int = 1234):
                                        initialize_model_parallel)
 
     initialize_model_parallel(tp, pp, seed=seed)
-    ddp = DistributedDataParallelConfig(use_distributed_optimizer=use_dist_opt)
-    chunks = build_model_chunks(voxcpm_provider if MODEL == "voxcpm" else gpt_provider, ddp)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ddp = DistributedDataParallelConfig(use_distributed_optimizer=use_dist_opt,
+                                        grad_reduce_in_fp32=bf16)
+    provider = (voxcpm_provider if MODEL == "voxcpm" and not bf16
+                else functools.partial(gpt_provider, dtype=dtype))
+    chunks = build_model_chunks(provider, ddp, param_dtype=dtype)
     opt = build_optimizer(OptimizerConfig(
         optimizer="adam", lr=3e-3, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
-        clip_grad=1.0, use_distributed_optimizer=use_dist_opt), chunks)
-    sched = build_scheduler(opt, max_lr=3e-3, min_lr=3e-4, warmup=2, decay=10,
+        clip_grad=1.0, use_distributed_optimizer=use_dist_opt, bf16=bf16, params_dtype=dtype),
+        chunks)
+    sched = build_scheduler(opt, max_lr=3e-3, min_lr=3e-4, init_lr=1e-3, warmup=2, decay=10,
                             decay_style="cosine", weight_decay=0.01)
     return chunks, opt, sched
 
@@ -200,6 +207,40 @@ def run_steps(chunks, opt, sched, steps, nan_steps=()) -> list:
                     "skipped": res.skipped, "lr": res.lr, "num_tokens": res.num_tokens,
                     "log_loss": res.logs["loss_sum"] / res.logs["n"]})
     return out
+
+
+def adam_state(chunks, opt) -> dict:
+    """{param name: {param (fp32 main), exp_avg, exp_avg_sq, step}} flattened, for the local
+    (fp32 or mixed-precision) and the distributed optimizer at DP=1 (a shard is the whole param)."""
+    from itertools import chain
+
+    from voxcpm_train.parallel import inner_optimizers, unwrap_model
+
+    names = {p: n for n, p in unwrap_model(chunks[0]).named_parameters()}
+    out = {}
+    for o in inner_optimizers(opt):
+        if hasattr(o, "model_param_group_index_map"):  # distributed optimizer
+            pairs = [(p, o._get_main_param_and_optimizer_states(p)) for p in names
+                     if p in o.model_param_group_index_map]
+        else:
+            if hasattr(o, "float16_groups"):
+                mains = zip(chain(*o.float16_groups), chain(*o.fp32_from_float16_groups))
+            else:
+                mains = ((p, p) for g in o.optimizer.param_groups for p in g["params"])
+            pairs = [(p, {"param": m, **o.optimizer.state[m]}) for p, m in mains]
+        for p, st in pairs:
+            out[names[p]] = {k: torch.as_tensor(v).detach().float().flatten().clone()
+                             for k, v in st.items()}
+    return out
+
+
+def max_state_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
+    diffs = [0.0]
+    for n in a:
+        assert a[n].keys() == b[n].keys(), (n, a[n].keys(), b[n].keys())
+        diffs += [float((a[n][k] - b[n][k]).abs().max()) for k in a[n]]
+    return max(diffs)
 
 
 def local_params(chunks) -> list:

@@ -6,6 +6,7 @@
                                         step under PP2 is skipped
     worker.py OUT single   (1 process)  the reference: OUT/init, steps 1..6 uninterrupted;
                                         then resume DP2 -> TP1 (steps 4..6)
+    worker.py OUT bf16     (1 process)  bf16 GPT: resume across optimizer kinds
 Results go to OUT/<phase>.json (rank 0); the test compares them.
 """
 
@@ -55,6 +56,34 @@ def single(out):
     C.dump(out / "single.json", res)
 
 
+def bf16(out):
+    """GPT in bf16 with fp32 main params/grads (the accelerator path, run on CPU): resumes between
+    the mixed-precision optimizer and the distributed optimizer continue as the uninterrupted run."""
+    import os
+
+    from voxcpm_train.parallel import destroy_model_parallel, load_checkpoint, save_checkpoint
+
+    os.environ["VOXCPM_TEST_MODEL"] = C.MODEL = "gpt"
+    res, saved = {}, {}
+    for dist_opt in (False, True):  # uninterrupted references, checkpoint after step 3
+        chunks, opt, sched = C.setup(1, 1, dist_opt, bf16=True)
+        assert all(p.dtype == C.torch.bfloat16 for p in chunks[0].parameters())
+        name = f"bf16_ref_dist{int(dist_opt)}"
+        res[name] = C.run_steps(chunks, opt, sched, range(1, 4))
+        saved[int(dist_opt)] = C.adam_state(chunks, opt)
+        save_checkpoint(out / name, chunks, opt, sched)
+        res[name] += C.run_steps(chunks, opt, sched, range(4, 7))
+        destroy_model_parallel()
+    for src, dst in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        chunks, opt, sched = C.setup(1, 1, bool(dst), bf16=True)
+        load_checkpoint(out / f"bf16_ref_dist{src}", chunks, opt, sched)
+        res[f"state_diff_dist{src}_to_dist{dst}"] = C.max_state_diff(C.adam_state(chunks, opt),
+                                                                     saved[src])
+        res[f"bf16_dist{src}_to_dist{dst}"] = C.run_steps(chunks, opt, sched, range(4, 7))
+        destroy_model_parallel()
+    C.dump(out / "bf16.json", res)
+
+
 def multi(out):
     import torch
 
@@ -93,5 +122,5 @@ def multi(out):
 
 if __name__ == "__main__":
     out = C.start(sys.argv)
-    {"single": single, "multi": multi}[sys.argv[2]](out)
+    {"single": single, "multi": multi, "bf16": bf16}[sys.argv[2]](out)
     C.dist.destroy_process_group()

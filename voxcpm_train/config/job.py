@@ -51,7 +51,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelT = MISSING          # configs/model/*.yaml (voxcpm_train.config.model.ModelConfig)
-    data: DataT = MISSING            # configs/data/*.yaml (data_pipeline.config.DataConfig)
+    data: DataT = field(default_factory=DataT)   # configs/data/*.yaml (data_pipeline.config.DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: StageConfig = field(default_factory=StageConfig)
@@ -72,6 +72,8 @@ def register() -> None:
         return
     if hasattr(data_config, "register"):
         data_config.register()
+    else:
+        cs.store(group="data", name="data_schema", node=data_config.DataConfig)
 
 
 def validate_job_config(cfg) -> None:

@@ -15,6 +15,7 @@ class LoggingConfig:
     val_every: int = 0               # validation loss every N steps (0 = off)
     val_batches: int = 2             # micro-batches per validation
     sample_every: int = 0            # generate audio for `sample_texts` every M steps (0 = off)
+    sample_at_end: bool = True       # ... and once when train.max_steps is reached
     sample_texts: List[str] = field(default_factory=lambda: ["Hello, this is a test of the model."])
     sample_max_patches: int = 100    # generation length cap (positions; 6.25 per second at P=4)
     sample_cfg: float = 2.0

@@ -97,6 +97,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     # Layers of the TSLM+RALM list per pipeline stage (None = even split).
     pipeline_layers: Optional[List[int]] = None
+    # Activation recompute of the TSLM/RALM layers (megatron): null | full | selective (core attention).
+    recompute_granularity: Optional[str] = None
+    recompute_method: str = "uniform"  # full: uniform | block
+    recompute_num_layers: int = 1  # full: layers per recompute unit (uniform) or per stage (block)
 
 
 def register() -> None:
@@ -176,6 +180,12 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     _check(0.0 <= cfg.flow.cfg_rate < 1.0, f"{prefix}.flow.cfg_rate={cfg.flow.cfg_rate} must be in [0, 1)")
     _check(cfg.flow.t_sigma > 0, f"{prefix}.flow.t_sigma={cfg.flow.t_sigma} must be positive")
     _check(cfg.lambda_diff >= 0 and cfg.lambda_stop >= 0, f"{prefix}.lambda_diff/lambda_stop must be >= 0")
+    _check(
+        cfg.recompute_granularity in (None, "full", "selective"),
+        f"{prefix}.recompute_granularity={cfg.recompute_granularity!r} is not one of null, full, selective",
+    )
+    _check(cfg.recompute_method in ("uniform", "block"), f"{prefix}.recompute_method={cfg.recompute_method!r} is not one of uniform, block")
+    _check(cfg.recompute_num_layers > 0, f"{prefix}.recompute_num_layers={cfg.recompute_num_layers} must be positive")
     if cfg.pipeline_layers is not None:
         total = cfg.lm.num_layers + cfg.residual_lm_num_layers
         layers = list(cfg.pipeline_layers)

@@ -33,14 +33,25 @@ def stack_transformer_config(
     use_cpu_initialization: bool = True,
     sequence_parallel: bool = False,
     tensor_model_parallel_size: Optional[int] = None,
+    recompute: bool = False,
 ) -> TransformerConfig:
-    """megatron `TransformerConfig` of one stack (PP size 1 inside; TP from parallel_state)."""
+    """megatron `TransformerConfig` of one stack (PP size 1 inside; TP from parallel_state).
+
+    `recompute` applies `cfg.recompute_*` (the TSLM/RALM stacks)."""
     tp = tensor_model_parallel_size or parallel_state.get_tensor_model_parallel_world_size()
     for key, value in (("num_attention_heads", stack.num_attention_heads), ("num_query_groups", stack.num_query_groups)):
         if value % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide {key}={value} of a model stack")
     dtype = DTYPES[cfg.params_dtype]
+    granularity = cfg.recompute_granularity if recompute else None
+    recompute_kwargs = {}
+    if granularity == "full":
+        recompute_kwargs = dict(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
+    elif granularity == "selective":
+        recompute_kwargs = dict(recompute_modules=["core_attn"])
     return TransformerConfig(
+        recompute_granularity=granularity,
+        **recompute_kwargs,
         num_layers=num_layers,
         hidden_size=stack.hidden_size,
         ffn_hidden_size=stack.ffn_hidden_size,

@@ -27,6 +27,9 @@ query group g: [q heads of g, k_g, v_g] rows, megatron's layout), `layers.{i}.se
 
 Stage I/O (see docs/architecture.md): one tensor [2T, B, H] crosses stages; rows 0:T the running
 hidden state, rows T:2T `feat_embed` until the TSLM ends, then the FSQ output (`lm_hidden` unshifted).
+With `sequence_parallel=True` (TP > 1) the TSLM/RALM run on sequence shards: the stage tensor is
+[2T/tp, B, H] (this rank's T/tp rows of each half; megatron's schedule divides `seq_length=2T` by tp),
+LocEnc/LocDiT and the losses run on the whole sequence.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import init_method_normal
@@ -79,6 +82,9 @@ class VoxCPMModel(MegatronModule):
     """One pipeline stage. `forward(batch, draws=None)`: on the last stage a dict of fp32 scalars
     `{"diff_sum", "stop_sum", "num_loss_positions"}`, else the inter-stage tensor [2T, B, H]."""
 
+    # No weight is shared between stages (read by megatron's finalize_model_grads under PP).
+    share_embeddings_and_output_weights = False
+
     def __init__(
         self,
         config: ModelConfig,
@@ -87,6 +93,7 @@ class VoxCPMModel(MegatronModule):
         pp_rank: Optional[int] = None,
         pp_size: Optional[int] = None,
         use_cpu_initialization: bool = True,
+        sequence_parallel: bool = False,
     ):
         validate_model_config(config)
         if pp_size is None:
@@ -97,12 +104,14 @@ class VoxCPMModel(MegatronModule):
         n_base, n_res = config.lm.num_layers, config.residual_lm_num_layers
         lm_scale = longrope_softmax_scale(config.lm.head_dim, config.rope)
 
-        def make_config(stack, num_layers, softmax_scale):
+        def make_config(stack, num_layers, softmax_scale, lm_stack=False):
+            # Activation recompute and sequence parallelism (TP > 1) apply to the TSLM/RALM stacks only.
             return stack_transformer_config(
-                config, stack, num_layers, softmax_scale, use_cpu_initialization=use_cpu_initialization
+                config, stack, num_layers, softmax_scale, use_cpu_initialization=use_cpu_initialization,
+                recompute=lm_stack, sequence_parallel=sequence_parallel and lm_stack,
             )
 
-        base_config = make_config(config.lm, n_base, lm_scale)
+        base_config = make_config(config.lm, n_base, lm_scale, lm_stack=True)
         super().__init__(config=base_config)
         self.model_config = config
         self.pre_process = pre_process
@@ -135,12 +144,17 @@ class VoxCPMModel(MegatronModule):
             self.fsq_layer = FSQ(hidden, config.fsq_latent_dim, config.fsq_scale, dtype=dtype)
             if v2:
                 self.fusion_concat_proj = torch.nn.Linear(2 * hidden, hidden, dtype=dtype)
+            if base_config.sequence_parallel:  # they see this rank's tokens only: grads summed over TP
+                for param in self.fsq_layer.parameters():
+                    setattr(param, "sequence_parallel", True)
+                for param in (self.fusion_concat_proj.parameters() if v2 else ()):
+                    setattr(param, "sequence_parallel", True)
         if layout.base_count or layout.residual_count:
             self.rope = LongRoPE(config.lm.head_dim, config.rope)
         if layout.residual_count or post_process:
             res_rope = not config.residual_lm_no_rope
             self.residual_lm = StackBlock(
-                make_config(config.lm, n_res, lm_scale if res_rope else None), attention, causal=True,
+                make_config(config.lm, n_res, lm_scale if res_rope else None, lm_stack=True), attention, causal=True,
                 residual_scale=mup_residual_scale(config, n_res), first_layer=layout.residual_first,
                 num_layers=layout.residual_count, total_layers=n_res, final_norm=post_process,
             )
@@ -177,7 +191,40 @@ class VoxCPMModel(MegatronModule):
     def _dtype(self) -> torch.dtype:
         return self.config.params_dtype
 
+    def _local_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> this TP rank's sequence shard under sequence parallelism, else x."""
+        if not self.config.sequence_parallel:
+            return x
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        shard = x.shape[0] // tp
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        return x[rank * shard : (rank + 1) * shard]
+
+    def _check_batch(self, batch: Dict[str, torch.Tensor], draws: Optional[FlowDraws]) -> None:
+        """Raise a ValueError naming the first missing or mis-shaped micro-batch field."""
+        cfg = self.model_config
+        needed = ["text_mask", "audio_mask"]
+        if self.pre_process:
+            needed += ["text_tokens", "audio_feats"]
+        if self.post_process:
+            needed += ["audio_feats", "loss_mask", "labels"] + ([] if draws is not None else ["row_seeds"])
+        missing = [k for k in needed if k not in batch]
+        if missing:
+            raise ValueError(f"micro-batch lacks {missing} (VoxCPMModel stage pre={self.pre_process}, post={self.post_process})")
+        B, T = batch["text_mask"].shape
+        for key in ("audio_mask", "text_tokens", "loss_mask", "labels", "position_ids", "segment_ids"):
+            if key in batch and tuple(batch[key].shape) != (B, T):
+                raise ValueError(f"micro-batch field {key} has shape {tuple(batch[key].shape)}, expected [B, T] = {[B, T]}")
+        if "audio_feats" in batch and tuple(batch["audio_feats"].shape) != (B, T, cfg.patch_size, cfg.feat_dim):
+            raise ValueError(
+                f"micro-batch field audio_feats has shape {tuple(batch['audio_feats'].shape)}, expected "
+                f"[B, T, model.patch_size, model.feat_dim] = {[B, T, cfg.patch_size, cfg.feat_dim]}"
+            )
+        if draws is not None and tuple(draws.noise.shape) != (B * T, cfg.patch_size, cfg.feat_dim):
+            raise ValueError(f"draws.noise has shape {tuple(draws.noise.shape)}, expected [B*T, P, D] = {[B * T, cfg.patch_size, cfg.feat_dim]}")
+
     def forward(self, batch: Dict[str, torch.Tensor], draws: Optional[FlowDraws] = None):
+        self._check_batch(batch, draws)
         cfg = self.model_config
         dtype = self._dtype()
         text_mask = batch["text_mask"].to(dtype)
@@ -187,7 +234,13 @@ class VoxCPMModel(MegatronModule):
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(T, device=text_mask.device).expand(B, T)
-        mask_tb = lambda m: m.transpose(0, 1).unsqueeze(-1)  # [B, T] -> [T, B, 1]
+        mask_tb = lambda m: self._local_positions(m.transpose(0, 1).unsqueeze(-1))  # [B, T] -> [T(/tp), B, 1]
+        sp = self.config.sequence_parallel
+        if sp and T % parallel_state.get_tensor_model_parallel_world_size():
+            raise ValueError(
+                f"sequence parallelism needs the row length T={T} divisible by the tensor parallel size "
+                f"{parallel_state.get_tensor_model_parallel_world_size()}"
+            )
 
         if self.pre_process:
             feat_embed = self.enc_to_lm_proj(self.feat_encoder(batch["audio_feats"].to(dtype)))  # [B, T, H]
@@ -196,10 +249,14 @@ class VoxCPMModel(MegatronModule):
                 text_embed = text_embed * cfg.scale_emb
             x = text_mask.unsqueeze(-1) * text_embed + audio_mask.unsqueeze(-1) * feat_embed
             hidden, side = x.transpose(0, 1).contiguous(), feat_embed.transpose(0, 1).contiguous()
+            if sp:
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+                side = tensor_parallel.scatter_to_sequence_parallel_region(side)
         else:
             if self.input_tensor is None:
                 raise RuntimeError("VoxCPMModel stage without pre_process needs set_input_tensor() first")
-            hidden, side = self.input_tensor[:T], self.input_tensor[T:]
+            half = self.input_tensor.shape[0] // 2  # T, or T / tp under sequence parallelism
+            hidden, side = self.input_tensor[:half], self.input_tensor[half:]
 
         attention_mask = segment_attention_mask(segment_ids, causal=True) if segment_ids is not None else None
         cos_sin = self.rope(position_ids) if hasattr(self, "rope") else None
@@ -218,6 +275,9 @@ class VoxCPMModel(MegatronModule):
             hidden = self.residual_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=res_cos_sin)
         if not self.post_process:
             return torch.cat([hidden, side], dim=0)
+        if sp:  # the losses run on the whole sequence, identically on every TP rank
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+            side = tensor_parallel.gather_from_sequence_parallel_region(side, tensor_parallel_output_grad=False)
         return self._losses(batch, side.transpose(0, 1), hidden.transpose(0, 1), segment_ids, draws)
 
     def _losses(self, batch, lm_out, res_out, segment_ids, draws: Optional[FlowDraws]):

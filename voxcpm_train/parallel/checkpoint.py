@@ -386,18 +386,22 @@ def load_checkpoint(
                 _patch_state_setter(opt)
         trees, flat = _optimizer_sharded_tensors(optimizer, request["model"], is_loading=True)
         available = set(dist_checkpointing.load_tensors_metadata(model_dir).keys())
-        # main params ('param'/'fp32_param') only exist in distributed-optimizer checkpoints;
-        # without them the main params come from the loaded model weights.
-        optional = ("optimizer.state.param.", "optimizer.state.fp32_param.")
         missing = sorted({leaf.key for leaf in flat
-                          if leaf.key not in available and not leaf.key.startswith(optional)})
+                          if leaf.key not in available and _main_param_alias(leaf.key) is None})
         if missing:
             raise KeyError(f"{ckpt_dir}: optimizer state missing for {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}")
-        flat = [leaf for leaf in flat if leaf.key in available]
-        for _, tree in trees:
-            _prune(tree, lambda leaf: leaf.key in available)
-        request["optimizer_tensors"] = flat
+        from_model = set()  # main params the checkpoint lacks: taken from the loaded weights
+        for leaf in flat:
+            if leaf.key not in available:
+                alias = _main_param_alias(leaf.key)
+                if alias in available:
+                    leaf.key = alias  # fp32 main params: 'fp32_param' (local) <-> 'param' (dist)
+                else:
+                    from_model.add(id(leaf))
+        for _, tree in trees:  # dist optimizer: leave them out; its setter copies what loaded
+            _prune(tree, lambda leaf: id(leaf) not in from_model)
+        request["optimizer_tensors"] = [leaf for leaf in flat if id(leaf) not in from_model]
     leaf_ids = [id(leaf) for leaf in request.get("optimizer_tensors", [])]  # load edits in place
 
     loaded = dist_checkpointing.load(request, model_dir)
@@ -407,12 +411,16 @@ def load_checkpoint(
             opt.reload_model_params()
 
     if optimizer is not None:
-        values = {}
-        for leaf_id, value in zip(leaf_ids, loaded["optimizer_tensors"], strict=True):
-            values[leaf_id] = value
+        values = dict(zip(leaf_ids, loaded["optimizer_tensors"], strict=True))
+        if from_model:
+            # main params <- loaded weights. Only here: a loaded main param may alias the live
+            # tensor (torch_dist loads in place), so an unconditional reload would clobber it.
+            for opt in inner_optimizers(optimizer):
+                opt.reload_model_params()
+            for leaf in flat:  # local mixed-precision optimizer: copy the main param onto itself
+                if id(leaf) in from_model:
+                    values[id(leaf)] = leaf.data
         step = int(meta["optimizer"]["step"])
-        for opt in inner_optimizers(optimizer):
-            opt.reload_model_params()  # main params <- loaded weights (overwritten if stored)
         for opt, tree in trees:
             state_dict = _replace_leaves(tree, values)
             _set_step(opt, state_dict, step)
@@ -444,6 +452,19 @@ def load_checkpoint(
     dist.barrier()
     return LoadResult(meta["extra"], rank_state, rng_restored, meta["layout"],
                       optimizer is not None)
+
+
+_MAIN_PARAM_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
+
+
+def _main_param_alias(key: str) -> str | None:
+    """The other name of an fp32 main-param key, or None for non-main-param keys."""
+    a, b = _MAIN_PARAM_PREFIXES
+    if key.startswith(a):
+        return b + key[len(a):]
+    if key.startswith(b):
+        return a + key[len(b):]
+    return None
 
 
 def _set_step(opt, state_dict: dict, step: int) -> None:

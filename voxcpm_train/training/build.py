@@ -1,6 +1,7 @@
 """Model chunks (DDP) and the megatron optimizer of a job, with per-module LR multipliers."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -61,15 +62,14 @@ def build_model_and_optimizer(job, platform, start):
     p = job.parallel
 
     def provider(pre_process: bool, post_process: bool):
-        model = VoxCPMModel(job.model, pre_process=pre_process, post_process=post_process)
-        if not hasattr(model, "share_embeddings_and_output_weights"):
-            model.share_embeddings_and_output_weights = False   # read by finalize_model_grads at PP > 1
-        cfg = model.config
-        cfg.sequence_parallel = bool(p.sequence_parallel)
+        # Sequence parallelism and recompute must be known at construction (megatron layers and the
+        # per-stack configs read them in __init__; VoxCPMModel scatters/gathers the sequence itself).
+        model_cfg = job.model
         if p.recompute != "none":
-            cfg.recompute_granularity = p.recompute
-            if p.recompute == "full":
-                cfg.recompute_method, cfg.recompute_num_layers = "uniform", 1
+            model_cfg = dataclasses.replace(model_cfg, recompute_granularity=p.recompute,
+                                            recompute_method="uniform", recompute_num_layers=1)
+        model = VoxCPMModel(model_cfg, pre_process=pre_process, post_process=post_process,
+                            sequence_parallel=bool(p.sequence_parallel))
         return model
 
     ddp_config = DistributedDataParallelConfig(

@@ -250,6 +250,9 @@ class Trainer:
                 stopper.reset()
         if job.checkpoint.save_at_end and last_saved != self.step:
             self.save("end")
+        if job.logging.sample_at_end and steps_done and not (
+                job.logging.sample_every and self.step % job.logging.sample_every == 0):
+            self.generate_samples()
         self.finish(plot=job.logging.loss_plot)
         return "done"
 
