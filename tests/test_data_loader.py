@@ -99,40 +99,43 @@ import json, sys
 from safetensors.torch import save_file
 from data_pipeline.config import DataConfig, DatasetConfig
 from data_pipeline.loader import VoxCPMDataLoader
-args = json.load(open(sys.argv[1]))
-cfg = DataConfig(**{**args["cfg"], "datasets": [DatasetConfig(**d) for d in args["cfg"]["datasets"]]})
-loader = VoxCPMDataLoader(cfg, dp_rank=args["dp_rank"], dp_size=args["dp_size"])
-loader.load_state_dict(args["state"])
-out = {}
-for i in range(args["n"]):
-    for k, v in next(loader).items():
-        out[f"{i}.{k}"] = v.contiguous()
-save_file(out, args["out"])
+for job in json.load(open(sys.argv[1])):
+    cfg = DataConfig(**{**job["cfg"], "datasets": [DatasetConfig(**d) for d in job["cfg"]["datasets"]]})
+    loader = VoxCPMDataLoader(cfg, dp_rank=job["dp_rank"], dp_size=job["dp_size"])
+    loader.load_state_dict(job["state"])
+    out = {}
+    for i in range(job["n"]):
+        for k, v in next(loader).items():
+            out[f"{i}.{k}"] = v.contiguous()
+    save_file(out, job["out"])
 """
 
 
-def _restore_in_fresh_process(tmp_path, cfg, state, dp_rank, dp_size, n):
-    job = tmp_path / f"job-{dp_rank}-{dp_size}.json"
-    out = tmp_path / f"out-{dp_rank}-{dp_size}.safetensors"
-    cfgd = asdict(cfg)
-    json.dump({"cfg": cfgd, "state": state, "dp_rank": dp_rank, "dp_size": dp_size, "n": n, "out": str(out)},
-              open(job, "w"))
-    subprocess.run([sys.executable, "-c", RESTORE, str(job)], check=True, cwd=REPO,
+def _restore_in_fresh_process(tmp_path, jobs):
+    """jobs: (cfg, state, dp_rank, dp_size, n). One new Python process restores each loader from its
+    JSON state and returns the next n micro-batches of each."""
+    spec, outs = [], []
+    for j, (cfg, state, dp_rank, dp_size, n) in enumerate(jobs):
+        outs.append(tmp_path / f"out-{j}.safetensors")
+        spec.append({"cfg": asdict(cfg), "state": state, "dp_rank": dp_rank, "dp_size": dp_size, "n": n,
+                     "out": str(outs[-1])})
+    (tmp_path / "jobs.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path / "jobs.json")], check=True, cwd=REPO,
                    env=dict(os.environ, PYTHONPATH=str(REPO)))
-    flat = load_file(str(out))
-    return [{k: flat[f"{i}.{k}"] for k in KEYS} for i in range(n)]
+    res = []
+    for out, (*_, n) in zip(outs, jobs):
+        flat = load_file(str(out))
+        res.append([{k: flat[f"{i}.{k}"] for k in KEYS} for i in range(n)])
+    return res
 
 
-def test_resume_fresh_process_dp1(latents, tmp_path):
-    cfg = _cfg(latents, num_workers=2, window_samples=64)     # several windows + carried rows
-    full = _take(VoxCPMDataLoader(cfg), 14)
-    loader = VoxCPMDataLoader(cfg)
+def test_resume_fresh_process_dp1_dp2_and_dp_change(latents, tmp_path):
+    cfg1 = _cfg(latents, num_workers=2, window_samples=64)    # several windows + carried rows, 2 workers
+    full1 = _take(VoxCPMDataLoader(cfg1), 14)
+    loader = VoxCPMDataLoader(cfg1)
     _take(loader, 9)
-    state = json.loads(json.dumps(loader.state_dict()))       # goes through JSON like a checkpoint
-    _same(_restore_in_fresh_process(tmp_path, cfg, state, 0, 1, 5), full[9:])
+    state1 = json.loads(json.dumps(loader.state_dict()))      # goes through JSON like a checkpoint
 
-
-def test_resume_fresh_process_dp2_and_dp_change(latents, tmp_path):
     cfg = _cfg(latents, window_samples=64)
     full = _take(VoxCPMDataLoader(cfg), 16)                   # DP=1 global stream
     ranks = [VoxCPMDataLoader(cfg, dp_rank=r, dp_size=2) for r in range(2)]
@@ -141,10 +144,13 @@ def test_resume_fresh_process_dp2_and_dp_change(latents, tmp_path):
         _same(first[r], full[r:10:2])
     states = [json.loads(json.dumps(l.state_dict())) for l in ranks]
     assert states[0] == states[1]
-    for r in range(2):
-        _same(_restore_in_fresh_process(tmp_path, cfg, states[0], r, 2, 3), full[10 + r:16:2])
-    # DP 2 -> 1: continues the global stream exactly
-    _same(_restore_in_fresh_process(tmp_path, cfg, states[0], 0, 1, 4), full[10:14])
+
+    got = _restore_in_fresh_process(tmp_path, [(cfg1, state1, 0, 1, 5), (cfg, states[0], 0, 2, 3),
+                                               (cfg, states[0], 1, 2, 3), (cfg, states[0], 0, 1, 4)])
+    _same(got[0], full1[9:])                                  # DP=1
+    _same(got[1], full[10:16:2])                              # DP=2, rank 0
+    _same(got[2], full[11:16:2])                              # DP=2, rank 1
+    _same(got[3], full[10:14])                                # DP 2 -> 1 continues the global stream
 
 
 def test_blend_weights_and_stage_switch(latents):

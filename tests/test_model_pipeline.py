@@ -60,7 +60,11 @@ def run_stages(stages, batch):
     return losses, grads
 
 
-@pytest.mark.parametrize("pp_size,split", [(2, None), (3, [1, 2, 1]), (2, [2, 2])], ids=["pp2", "pp3-split-at-fsq", "pp2-fsq-end"])
+@pytest.mark.parametrize(
+    "pp_size,split",
+    [(2, None), (3, [1, 2, 1]), (2, [2, 2]), (2, [0, 4]), (2, [4, 0])],
+    ids=["pp2", "pp3-split-at-fsq", "pp2-fsq-end", "pp2-first-stage-no-layers", "pp2-last-stage-no-layers"],
+)
 def test_pipeline_stages_match_single_stage(megatron_single, pp_size, split):
     from voxcpm_train.convert.mapping import ours_to_reference, reference_to_ours
     from voxcpm_train.model import VoxCPMModel

@@ -25,52 +25,59 @@ def _same_steps(a_dir, b_dir):
             assert ra[k] == rb[k], f"step {ra['step']} {k}: {ra[k]!r} != {rb[k]!r}"   # bit-identical
 
 
-def _kill_and_resume(tmp_path, latents, nproc):
-    ref = tmp_path / "uninterrupted"
-    run_train(ref, latents, *ARGS, nproc=nproc)
-
-    run = tmp_path / "killed"
-    proc = start_train(run, latents, *ARGS, nproc=nproc)
-    wait_for_step(proc, run, 6)
-    kill9(proc)
-    assert max(r["step"] for r in metrics(run)) < STEPS
-    # leftovers of an interrupted write: a temp dir and a step dir without the COMPLETE marker
+def _leave_interrupted_write(run):
+    """Leftovers of an interrupted write: a temp dir and a step dir without the COMPLETE marker."""
     root = run / "checkpoints"
     (root / "step_0000009.tmp" / "model").mkdir(parents=True, exist_ok=True)
     (root / "step_0000009" / "model").mkdir(parents=True, exist_ok=True)
     (root / "step_0000009" / "extra_state.json").write_text("{}")
-    out = run_train(run, latents, *ARGS, nproc=nproc)
+
+
+def _check_resumed(out, run):
     log = out.stdout + out.stderr
     assert "resume: loaded" in log and "step_0000009" not in log.split("resume: loaded")[1].split("\n")[0]
+    root = run / "checkpoints"
     assert not (root / "step_0000009.tmp").exists() and not (root / "step_0000009").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_then_kill9_resume_dp1(tmp_path, demo_latents):
+    ref = tmp_path / "uninterrupted"
+    run_train(ref, demo_latents, *ARGS)
+
+    run = tmp_path / "interrupted"
+    # 1) SIGTERM (Slurm preemption): checkpoint at the current step, exit 0
+    proc = start_train(run, demo_latents, *ARGS)
+    wait_for_step(proc, run, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    saved = checkpoints(run)
+    step = int(saved[-1].split("_")[1])
+    assert 2 <= step < STEPS and max(r["step"] for r in metrics(run)) == step
+    assert (run / "checkpoints" / saved[-1] / "COMPLETE").is_file()
+    # 2) the same command resumes from it; kill -9 in the middle
+    proc = start_train(run, demo_latents, *ARGS)
+    wait_for_step(proc, run, step + 3)
+    kill9(proc)
+    assert max(r["step"] for r in metrics(run)) < STEPS
+    _leave_interrupted_write(run)
+    # 3) the same command again finishes the run
+    out = run_train(run, demo_latents, *ARGS)
+    _check_resumed(out, run)
     _same_steps(ref, run)
     assert checkpoints(run) == ["step_0000008", "step_0000010"]    # keep_last=2
 
 
 @pytest.mark.slow
-def test_kill9_resume_dp1(tmp_path, demo_latents):
-    _kill_and_resume(tmp_path, demo_latents, nproc=1)
-
-
-@pytest.mark.slow
 def test_kill9_resume_dp2(tmp_path, demo_latents):
-    _kill_and_resume(tmp_path, demo_latents, nproc=2)
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoint_and_resume(tmp_path, demo_latents):
     ref = tmp_path / "uninterrupted"
-    run_train(ref, demo_latents, *ARGS)
-    run = tmp_path / "preempted"
-    args = (f"train.max_steps={STEPS}", "checkpoint.every=0")
-    proc = start_train(run, demo_latents, *args)
-    wait_for_step(proc, run, 3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
-    saved = checkpoints(run)
-    assert len(saved) == 1, saved
-    step = int(saved[0].split("_")[1])
-    assert 3 <= step < STEPS and max(r["step"] for r in metrics(run)) == step
-    assert (run / "checkpoints" / saved[0] / "COMPLETE").is_file()
-    run_train(run, demo_latents, *args)
+    run_train(ref, demo_latents, *ARGS, nproc=2)
+    run = tmp_path / "killed"
+    proc = start_train(run, demo_latents, *ARGS, nproc=2)
+    wait_for_step(proc, run, 6)
+    kill9(proc)
+    assert max(r["step"] for r in metrics(run)) < STEPS
+    _leave_interrupted_write(run)
+    out = run_train(run, demo_latents, *ARGS, nproc=2)
+    _check_resumed(out, run)
     _same_steps(ref, run)

@@ -23,8 +23,9 @@ def build_model_chunks(
     ``model_provider(pre_process=..., post_process=...)`` returns a ``MegatronModule`` whose
     ``config`` is a ``TransformerConfig``. Parameters are moved to ``device`` and cast to
     ``param_dtype`` (fp32 on CPU; bf16 on GPU/NPU, then use ``ddp_config.grad_reduce_in_fp32``
-    and a bf16 ``OptimizerConfig`` for fp32 main grads/params). Losses are per token:
-    ``config.calculate_per_token_loss`` is set to True.
+    and a bf16 ``OptimizerConfig`` for fp32 main grads/params); every ``TransformerConfig`` in
+    the model gets ``params_dtype = pipeline_dtype = param_dtype`` (and the bf16/fp16 flags).
+    Losses are per token: ``config.calculate_per_token_loss`` is set to True.
     """
     from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel
@@ -43,13 +44,28 @@ def build_model_chunks(
     config.calculate_per_token_loss = True
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    if param_dtype != torch.float32 and not ddp_config.grad_reduce_in_fp32:
+        raise ValueError("low-precision params need ddp_config.grad_reduce_in_fp32=True")
     model.to(device=device)
     if param_dtype != torch.float32:
         model.to(dtype=param_dtype)
-        if not ddp_config.grad_reduce_in_fp32:
-            raise ValueError("low-precision params need ddp_config.grad_reduce_in_fp32=True")
+    _align_config_dtypes(model, param_dtype)
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     return [ddp]
+
+
+def _align_config_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every TransformerConfig in the model follows the parameter dtype (compute casts, the
+    pipeline's p2p buffers, megatron's bf16/fp16 flags), whatever the provider built with."""
+    from megatron.core.transformer import TransformerConfig
+
+    seen = set()
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, TransformerConfig) and id(cfg) not in seen:
+            seen.add(id(cfg))
+            cfg.params_dtype = cfg.pipeline_dtype = dtype
+            cfg.bf16, cfg.fp16 = dtype == torch.bfloat16, dtype == torch.float16
 
 
 def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
