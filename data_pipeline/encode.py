@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, BadSample, decode_audio
+from .audio import BadSample, decode_audio
 from .audio_vae import AudioVAEConfig, load_audio_vae
 from .readers import RawSample, iter_audio_folder, iter_emilia_tar, iter_jsonl_manifest
 from .shards import atomic_write_bytes, json_bytes, shard_complete, write_latent_shard
@@ -103,7 +103,7 @@ def pick_device(name: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     try:
-        import torch_npu  # noqa: F401
+        import torch_npu  # noqa: F401  (registers the npu device)
         return torch.device("npu", local_rank)
     except ImportError:
         return torch.device("cpu")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig, LayoutProbs
 from .latent_dataset import LatentDataset
-from .packing import BatchPlanner, Sample, row_seed
+from .packing import BatchPlanner, row_seed
 from .sequences import build_sequence
 from .tokenizer import TextTokenizer
 

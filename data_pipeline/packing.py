@@ -96,7 +96,7 @@ class BatchPlanner:
         return group[(group != idx) & (ds.patches[group] <= self.cfg.max_ref_patches)]
 
     def _draw_sample(self, d: int, idx: int, u: np.ndarray) -> Sample | None:
-        ds, P = self.datasets[d], self.cfg.patch_size
+        ds = self.datasets[d]
         layout = LAYOUTS[int(np.searchsorted(self.layout_cdf[d], u[0], side="right"))]
         if ds.samples[idx].get("description"):   # voice design: description + text, no continuation
             layout = {"continuation": "tts", "clone_continuation": "clone"}.get(layout, layout)

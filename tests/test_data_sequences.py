@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.audio_vae import AudioVAEConfig, AudioVAEV2
 from data_pipeline.encode import EncodeOptions, LatentEncoder
 from data_pipeline.sequences import build_sequence, sequence_length
 from data_pipeline.tokenizer import TextTokenizer

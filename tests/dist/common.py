@@ -181,7 +181,7 @@ def setup(tp: int, pp: int, use_dist_opt: bool, seed: int = 1234, bf16: bool = F
     dtype = torch.bfloat16 if bf16 else torch.float32
     ddp = DistributedDataParallelConfig(use_distributed_optimizer=use_dist_opt,
                                         grad_reduce_in_fp32=bf16)
-    provider = (voxcpm_provider if MODEL == "voxcpm" and not bf16
+    provider = (voxcpm_provider if MODEL == "voxcpm"
                 else functools.partial(gpt_provider, dtype=dtype))
     chunks = build_model_chunks(provider, ddp, param_dtype=dtype)
     opt = build_optimizer(OptimizerConfig(

@@ -26,7 +26,7 @@ def _fresh(tp, pp, dist_opt, init_dir=None):
 
 def _train_and_save(out, name, tp, pp, dist_opt, res):
     """Steps 1..5 from the initial weights, checkpoint after step 3."""
-    from voxcpm_train.parallel import destroy_model_parallel, save_checkpoint
+    from voxcpm_train.parallel import save_checkpoint
 
     chunks, opt, sched = _fresh(tp, pp, dist_opt, out / "init")
     losses = C.run_steps(chunks, opt, sched, range(1, 4))
@@ -63,8 +63,13 @@ def bf16(out):
 
     from voxcpm_train.parallel import destroy_model_parallel, load_checkpoint, save_checkpoint
 
-    os.environ["VOXCPM_TEST_MODEL"] = C.MODEL = "gpt"
     res, saved = {}, {}
+    C.MODEL = "voxcpm"  # the VoxCPM model follows the bf16 parameter dtype (casts, p2p dtype)
+    for bf16 in (False, True):
+        chunks, opt, sched = C.setup(1, 1, False, bf16=bf16)
+        res[f"voxcpm_bf16_{int(bf16)}"] = C.run_steps(chunks, opt, sched, [1, 2])
+        destroy_model_parallel()
+    os.environ["VOXCPM_TEST_MODEL"] = C.MODEL = "gpt"
     for dist_opt in (False, True):  # uninterrupted references, checkpoint after step 3
         chunks, opt, sched = C.setup(1, 1, dist_opt, bf16=True)
         assert all(p.dtype == C.torch.bfloat16 for p in chunks[0].parameters())

@@ -361,7 +361,6 @@ def load_checkpoint(
     checkpoint lacks raises. RNG and per-rank state are restored only if the layout matches.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     ckpt_dir = Path(ckpt_dir)
     if not is_complete_checkpoint(ckpt_dir):
