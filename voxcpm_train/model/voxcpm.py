@@ -243,7 +243,7 @@ class VoxCPMModel(MegatronModule):
             )
 
         if self.pre_process:
-            feat_embed = self.enc_to_lm_proj(self.feat_encoder(batch["audio_feats"].to(dtype)))  # [B, T, H]
+            feat_embed = self._encode_audio_positions(batch["audio_feats"].to(dtype), audio_mask)  # [B, T, H]
             text_embed = self.text_embedding(batch["text_tokens"])
             if cfg.use_mup:
                 text_embed = text_embed * cfg.scale_emb
@@ -279,6 +279,20 @@ class VoxCPMModel(MegatronModule):
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
             side = tensor_parallel.gather_from_sequence_parallel_region(side, tensor_parallel_output_grad=False)
         return self._losses(batch, side.transpose(0, 1), hidden.transpose(0, 1), segment_ids, draws)
+
+    def _encode_audio_positions(self, feats: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
+        """`enc_to_lm_proj(LocEnc(patch))` at audio positions, zeros elsewhere: feats [B, T, P, D] -> [B, T, H].
+
+        Text and padding positions only ever enter the model multiplied by `audio_mask`, so they skip the
+        LocEnc (the reference encodes every position and discards those)."""
+        B, T, P, D = feats.shape
+        index = torch.nonzero(audio_mask.reshape(-1) > 0).squeeze(1)
+        keep = 1.0
+        if index.numel() == 0:  # keep the graph (and every grad) defined on an audio-free micro-batch
+            index, keep = torch.zeros(1, dtype=torch.long, device=feats.device), 0.0
+        encoded = self.enc_to_lm_proj(self.feat_encoder(feats.reshape(B * T, P, D)[index].unsqueeze(0)))[0] * keep
+        out = encoded.new_zeros(B * T, encoded.shape[-1]).index_copy(0, index, encoded)
+        return out.view(B, T, -1)
 
     def _losses(self, batch, lm_out, res_out, segment_ids, draws: Optional[FlowDraws]):
         """Diffusion and stop loss sums over the loss positions (last stage)."""
