@@ -66,6 +66,8 @@ def test_roundtrip_and_errors(parts, tmp_path):
     assert meta["optimizer"]["step"] == 2 and meta["scheduler"]["num_steps"] == 2
     with pytest.raises(FileExistsError):
         save_checkpoint(tmp_path / "a", chunks, opt, sched)
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_checkpoint(tmp_path / "c", chunks, opt, sched, extra_state={"t": torch.ones(1)})
 
     # a differently initialised model/optimizer gets exactly the saved state back
     torch.manual_seed(99)
@@ -100,3 +102,37 @@ def test_several_buckets_refused(parts, tmp_path):
     assert len(opt.chained_optimizers[0].buffers[0].buckets) > 1
     with pytest.raises(RuntimeError, match="one DDP bucket"):
         save_checkpoint(tmp_path / "b", chunks, opt, sched)
+
+
+def test_loading_refuses_pickled_code(parts, tmp_path):
+    """A torch_dist checkpoint whose .metadata pickle calls a function is refused before
+    anything runs; non-tensor items are read with weights_only=True."""
+    import io
+    import pickle
+
+    C, make = parts
+    from voxcpm_train.parallel import load_checkpoint, save_checkpoint
+    from voxcpm_train.parallel.safe_load import safe_dcp_reading
+
+    chunks, opt, sched = make()
+    save_checkpoint(tmp_path / "a", chunks, opt, sched)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "a" / "model" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="builtins|io"):
+        load_checkpoint(tmp_path / "a", chunks, opt, sched)
+    assert not marker.exists()
+
+    from torch.distributed.checkpoint import default_planner
+
+    buf = io.BytesIO()
+    torch.save(Evil(), buf)
+    with safe_dcp_reading():
+        buf.seek(0)
+        with pytest.raises(pickle.UnpicklingError):
+            default_planner.torch.load(buf, weights_only=False)
+    assert default_planner.torch is torch and not marker.exists()

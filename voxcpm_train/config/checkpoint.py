@@ -9,7 +9,6 @@ from typing import Optional
 class CheckpointConfig:
     every: int = 100                 # save every N optimizer steps (0 = only at the end / on signals)
     keep_last: int = 3               # keep the newest K complete checkpoints (0 = keep all)
-    async_save: bool = False         # megatron's async torch_dist writer
     resume: bool = True              # resume from run.dir/checkpoints/latest when present
     load: Optional[str] = None       # start from this checkpoint dir instead (e.g. an import)
     save_at_end: bool = True

@@ -9,6 +9,7 @@ functions, which import megatron lazily).
 from .checkpoint import LoadResult, is_complete_checkpoint, load_checkpoint, save_checkpoint
 from .model import build_model_chunks, unwrap_model
 from .optim import build_optimizer, build_scheduler, inner_optimizers
+from .safe_load import safe_dcp_reading
 from .state import destroy_model_parallel, initialize_model_parallel, pp_stage_flags, seed_everything
 from .step import StepResult, train_step
 
@@ -24,6 +25,7 @@ __all__ = [
     "is_complete_checkpoint",
     "load_checkpoint",
     "pp_stage_flags",
+    "safe_dcp_reading",
     "save_checkpoint",
     "seed_everything",
     "train_step",

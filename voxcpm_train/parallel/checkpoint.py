@@ -9,6 +9,7 @@ Layout of a checkpoint directory::
                                      (torch.save, read with weights_only=True)
 
 ``extra_state.json`` is written last: a directory without it is an incomplete checkpoint.
+Reading never unpickles arbitrary objects (see :mod:`.safe_load`).
 
 Optimizer state is stored in model space: every parameter ``<key>`` has ShardedTensors
 ``optimizer.state.{exp_avg,exp_avg_sq}.<key>`` shaped (and sharded) like the parameter (plus
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from .model import unwrap_model
 from .optim import inner_optimizers
+from .safe_load import safe_dcp_reading
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadResult", "is_complete_checkpoint"]
 
@@ -296,6 +298,10 @@ def save_checkpoint(
     rank = dist.get_rank()
     if (ckpt_dir / _EXTRA).exists() or (ckpt_dir / _MODEL_DIR).exists():  # every rank raises
         raise FileExistsError(f"checkpoint directory {ckpt_dir} already holds a checkpoint")
+    try:  # checked on every rank, so a bad value cannot leave the others waiting for rank 0
+        json.dumps(extra_state or {})
+    except TypeError as e:
+        raise TypeError(f"save_checkpoint: extra_state must be JSON-serialisable: {e}") from None
     dist.barrier()
     if rank == 0:
         (ckpt_dir / _MODEL_DIR).mkdir(parents=True, exist_ok=True)
@@ -384,7 +390,8 @@ def load_checkpoint(
             if _is_distributed(opt):
                 _patch_state_setter(opt)
         trees, flat = _optimizer_sharded_tensors(optimizer, request["model"], is_loading=True)
-        available = set(dist_checkpointing.load_tensors_metadata(model_dir).keys())
+        with safe_dcp_reading():
+            available = set(dist_checkpointing.load_tensors_metadata(model_dir).keys())
         missing = sorted({leaf.key for leaf in flat
                           if leaf.key not in available and _main_param_alias(leaf.key) is None})
         if missing:
@@ -403,7 +410,8 @@ def load_checkpoint(
         request["optimizer_tensors"] = [leaf for leaf in flat if id(leaf) not in from_model]
     leaf_ids = [id(leaf) for leaf in request.get("optimizer_tensors", [])]  # load edits in place
 
-    loaded = dist_checkpointing.load(request, model_dir)
+    with safe_dcp_reading():
+        loaded = dist_checkpointing.load(request, model_dir)
     unwrap_model(model_chunks[0]).load_state_dict(loaded["model"], strict=strict)
     if weights_only_into is not None:
         for opt in inner_optimizers(weights_only_into):

@@ -105,6 +105,10 @@ class _NullEvent:
         return 0.0
 
 
+def _cpu_manual_seed(seed) -> None:
+    torch.manual_seed(seed)
+
+
 def _make_cuda_namespace() -> types.ModuleType:
     real = torch.cuda
     ns = types.ModuleType("torch.cuda", "CPU stand-in of torch.cuda for megatron modules.")
@@ -119,8 +123,8 @@ def _make_cuda_namespace() -> types.ModuleType:
         empty_cache=lambda: None,
         get_rng_state=lambda device="cuda": torch.get_rng_state(),
         set_rng_state=lambda state, device="cuda": torch.set_rng_state(state),
-        manual_seed=lambda seed: torch.manual_seed(seed) and None,
-        manual_seed_all=lambda seed: torch.manual_seed(seed) and None,
+        manual_seed=_cpu_manual_seed,
+        manual_seed_all=_cpu_manual_seed,
         Stream=_NullStream,
         Event=_NullEvent,
         stream=lambda s=None: contextlib.nullcontext(),

@@ -53,9 +53,6 @@ def scheduler_kwargs(cfg, start: StageStart) -> dict:
         raise ConfigError(
             f"stage.lr_warmup_steps={stage.lr_warmup_steps} counts from step 0 of the run, but stage "
             f"{stage.name!r} starts at step {start.step}: put the warmup in the first stage")
-    if warmup >= steps:
-        raise ConfigError(f"stage.lr_warmup_steps={stage.lr_warmup_steps} must be below the stage's "
-                          f"{steps} steps (train.max_steps - stage start)")
     decay_steps = steps if stage.decay_steps == -1 else int(stage.decay_steps)
     if not 0 <= decay_steps <= steps:
         raise ConfigError(f"stage.decay_steps={stage.decay_steps} exceeds the stage's {steps} steps")
@@ -66,6 +63,11 @@ def scheduler_kwargs(cfg, start: StageStart) -> dict:
     if not 0.0 <= optim.init_lr <= max_lr:
         raise ConfigError(f"optim.init_lr={optim.init_lr} must lie in [0, max_lr={max_lr}]")
     horizon = start.samples + steps * gbs
+    if warmup >= steps:   # a short run inside the warmup: megatron needs the decay end after the warmup
+        if decay_steps:
+            raise ConfigError(f"stage.decay_steps={stage.decay_steps} with stage.lr_warmup_steps={warmup} "
+                              f">= the stage's {steps} steps: the decay would start inside the warmup")
+        horizon = warmup * gbs + 1
     return dict(
         init_lr=float(optim.init_lr) if warmup else float(max_lr),
         max_lr=float(max_lr),

@@ -60,6 +60,7 @@ class TrainData:
         if cfg.row_tokens > job.model.max_length:
             raise ConfigError(f"data.row_tokens={cfg.row_tokens} exceeds model.max_length={job.model.max_length}")
         self.positions = 0
+        self.segments = 0          # packed samples (utterances) served
 
     def __iter__(self):
         return self
@@ -68,10 +69,14 @@ class TrainData:
         batch = next(self.loader)
         seg = batch.get("segment_ids")
         self.positions += int((seg > 0).sum()) if seg is not None else batch["text_mask"].numel()
+        self.segments += int(seg.max(dim=1).values.sum()) if seg is not None else int(batch["text_mask"].shape[0])
         return batch
 
     def position_counter(self) -> int:
         return self.positions
+
+    def segment_counter(self) -> int:
+        return self.segments
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

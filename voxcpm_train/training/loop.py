@@ -207,7 +207,7 @@ class Trainer:
         while self.step < job.train.max_steps:
             t0 = time.time()
             lr = get_canonical_lr_for_logging(self.optimizer.param_groups)
-            counter = self.data.position_counter()
+            counter, seg_counter = self.data.position_counter(), self.data.segment_counter()
             res = train_step(forward_step, self.data, self.model_chunks, self.optimizer, self.scheduler,
                              num_microbatches=self.num_microbatches, seq_length=2 * seq_len,
                              micro_batch_size=mbs, increment=self.gbs)
@@ -217,6 +217,7 @@ class Trainer:
             dt = time.time() - t0
             steps_done += 1
             tokens = self._global_sum(self.data.position_counter() - counter)
+            utterances = self._global_sum(self.data.segment_counter() - seg_counter)
             n = max(res.num_tokens, 1)
             rec = {
                 "step": self.step, "loss": res.loss,
@@ -224,7 +225,8 @@ class Trainer:
                 "loss_stop": res.logs.get("stop_sum", float("nan")) / n,
                 "lr": lr, "grad_norm": res.grad_norm, "skipped": bool(res.skipped),
                 "skipped_total": self.skipped_total, "samples_per_s": self.gbs / dt,
-                "tokens_per_s": tokens / dt, "loss_positions": res.num_tokens,
+                "tokens_per_s": tokens / dt, "utterances_per_s": utterances / dt,
+                "loss_positions": res.num_tokens,
                 "consumed_samples": self.consumed_samples, "global_batch_size": self.gbs,
                 "stage": self.start.name, "max_steps": job.train.max_steps, "step_time_s": dt,
                 "mfu": (fpp * tokens / dt / (peak * world)) if peak else None,
@@ -257,7 +259,7 @@ class Trainer:
         return "done"
 
     def _global_sum(self, local: int) -> int:
-        """Real positions of this step over all data-parallel ranks (first TP/PP rank of each counts)."""
+        """Sum of a per-rank count over the data-parallel ranks (the first TP/PP rank of each counts)."""
         t = torch.tensor([float(local) if (self.ps.get_tensor_model_parallel_rank() == 0
                                            and self.ps.get_pipeline_model_parallel_rank() == 0) else 0.0])
         dist.all_reduce(t)
