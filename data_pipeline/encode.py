@@ -7,6 +7,7 @@ shards. Bad samples are skipped, named in a log line and counted by reason in `D
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -26,6 +27,8 @@ from .audio import BadSample, decode_audio
 from .audio_vae import AudioVAEConfig, load_audio_vae
 from .readers import RawSample, iter_audio_folder, iter_emilia_tar, iter_jsonl_manifest
 from .shards import atomic_write_bytes, json_bytes, shard_complete, write_latent_shard
+
+UNIT_OUTPUTS = (".tar", ".index.json", ".report.json")  # the files one unit writes into DIR
 
 log = logging.getLogger("voxcpm_data.encode")
 
@@ -174,8 +177,9 @@ def encode_unit(unit: Unit, encoder: LatentEncoder, out_dir: Path, pbar: Progres
         skipped[e.reason] += 1
         log.warning("skip %s: %s%s", e.reason, e.key, f" ({e.detail})" if e.detail else "")
 
-    for stale in out_dir.glob(f"{unit.name}.*.tmp-*"):   # leftovers of a killed run of this unit
-        stale.unlink(missing_ok=True)
+    for suffix in UNIT_OUTPUTS:   # leftovers of a killed run of this unit (not of a unit named `<name>.x`)
+        for stale in out_dir.glob(f"{glob.escape(unit.name + suffix)}.tmp-*"):
+            stale.unlink(missing_ok=True)
     pending_seconds = 0.0
     keys_seen: set[str] = set()
     for s in unit.samples():
