@@ -221,8 +221,11 @@ def _checkpoint_dtype(model_dir: Path) -> Optional[str]:
     """The dtype the checkpoint stores model weights in (None when mixed or unknown)."""
     from megatron.core import dist_checkpointing
 
+    from voxcpm_train.parallel import safe_dcp_reading
+
     names = {v: k for k, v in DTYPES.items()}
-    meta = dist_checkpointing.load_tensors_metadata(str(model_dir))
+    with safe_dcp_reading():
+        meta = dist_checkpointing.load_tensors_metadata(str(model_dir))
     dtypes = {getattr(t, "dtype", None) for k, t in meta.items() if not k.startswith("optimizer")}
     dtypes.discard(None)
     return names.get(dtypes.pop()) if len(dtypes) == 1 else None
