@@ -133,19 +133,32 @@ def _batch(latents):
     return batch
 
 
-def test_export_loads_in_voxcpm_and_matches(curriculum_run, demo_latents, megatron_single, tmp_path):
-    from safetensors import safe_open
-    from voxcpm.model.voxcpm2 import VoxCPM2Model
+@pytest.fixture(scope="module")
+def exported(curriculum_run, tmp_path_factory):
+    """(training checkpoint, its voxcpm-export folder)."""
+    ckpt = curriculum_run / "checkpoints" / f"step_{STAGE_ENDS['anneal']:07d}"
+    export = tmp_path_factory.mktemp("export") / "voxcpm2"
+    proc = subprocess.run([sys.executable, "-m", "voxcpm_train.convert.cli", "export", str(ckpt), str(export)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ckpt, export
 
+
+def _our_model(ckpt):
     from voxcpm_train.convert.checkpoint import read_checkpoint_config
     from voxcpm_train.model import VoxCPMModel
     from voxcpm_train.parallel.checkpoint import load_checkpoint
 
-    ckpt = curriculum_run / "checkpoints" / f"step_{STAGE_ENDS['anneal']:07d}"
-    export = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "voxcpm_train.convert.cli", "export", str(ckpt), str(export)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    model = VoxCPMModel(read_checkpoint_config(ckpt))
+    load_checkpoint(ckpt, [model], optimizer=None, load_rng=False)
+    return model
+
+
+def test_export_loads_in_voxcpm_and_matches(exported, demo_latents, megatron_single):
+    from safetensors import safe_open
+    from voxcpm.model.voxcpm2 import VoxCPM2Model
+
+    ckpt, export = exported
 
     ref = VoxCPM2Model.from_local(str(export), optimize=False)
     with safe_open(str(export / "model.safetensors"), "pt") as f:
@@ -157,10 +170,7 @@ def test_export_loads_in_voxcpm_and_matches(curriculum_run, demo_latents, megatr
     assert saved_vae == set(ref.audio_vae.state_dict())
 
     # forward loss: the reference on the export vs ours on the training checkpoint, same batch and draws
-    cfg = read_checkpoint_config(ckpt)
-    ours = VoxCPMModel(cfg)
-    load_checkpoint(ckpt, [ours], optimizer=None, load_rng=False)
-    ours.train()
+    ours = _our_model(ckpt).train()
     ref = ref.float().train()
     batch = _batch(demo_latents)
     B, T, P, D = batch["audio_feats"].shape
@@ -179,3 +189,31 @@ def test_export_loads_in_voxcpm_and_matches(curriculum_run, demo_latents, megatr
     wav = ref.generate("Hello there.", max_len=20, inference_timesteps=4, cfg_value=2.0)
     assert ref.sample_rate == 48000
     assert wav.numel() > 0 and torch.isfinite(wav).all()
+
+
+def test_sampler_matches_reference_inference(exported, megatron_single):
+    """Our autoregressive sampler (full recompute, CFG-Zero*, sway sampling) against the reference's
+    KV-cached `_inference` on the same weights, with the solver's start noise at zero (temperature 0)."""
+    import functools
+
+    from voxcpm.model.voxcpm2 import VoxCPM2Model
+
+    from data_pipeline.tokenizer import TextTokenizer
+    from voxcpm_train.generation.sampler import GenerationConfig, generate_latents
+
+    ckpt, export = exported
+    ref = VoxCPM2Model.from_local(str(export), optimize=False).float().eval()
+    ref.feat_decoder.forward = functools.partial(ref.feat_decoder.forward, temperature=0.0)
+    ids = TextTokenizer(REPO / "demo_data/tokenizer")("Hello there, how are you?")
+    K = 6
+    text = torch.tensor(ids + [101]).unsqueeze(0)
+    L = text.shape[1]
+    with torch.no_grad():
+        *_, (_, ref_feat, _) = ref._inference(text, torch.ones(1, L), torch.zeros(1, L, 4, 64), torch.zeros(1, L),
+                                              min_len=K + 1, max_len=K, inference_timesteps=10, cfg_value=2.0)
+    ours = _our_model(ckpt).eval()
+    gen = GenerationConfig(max_patches=K, min_patches=K + 1, timesteps=10, cfg_value=2.0, temperature=0.0)
+    got = generate_latents(ours, ids, gen)                       # [K * P, 64]
+    want = ref_feat.reshape(-1, 64)
+    assert got.shape == want.shape == (K * 4, 64)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()

@@ -26,3 +26,29 @@ def test_resume_across_layouts(tmp_path, demo_latents):
             for k in ("loss", "loss_diff", "loss_stop", "grad_norm"):
                 assert r[k] == pytest.approx(w[k], rel=1e-5), (name, r["step"], k)
             assert r["lr"] == w["lr"]
+
+
+@pytest.mark.slow
+def test_start_from_import(tmp_path, demo_latents):
+    """checkpoint.load of a `voxcpm-import` (weights only): the run starts at step 0 from those weights
+    with a fresh optimizer, scheduler and data stream."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from test_train_utils import REPO, _env
+    from voxcpm_train.config.model import load_model_preset
+    from voxcpm_train.convert.tiny import write_random_reference_folder
+
+    ref = write_random_reference_folder(tmp_path / "ref", dataclasses.replace(load_model_preset("tiny"), vocab_size=1280))
+    imported = tmp_path / "import"
+    proc = subprocess.run([sys.executable, "-m", "voxcpm_train.convert.cli", "import", str(ref), str(imported)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh, run = tmp_path / "fresh", tmp_path / "from_import"
+    run_train(fresh, demo_latents, "train.max_steps=3", "stage.lr_warmup_steps=1")
+    out = run_train(run, demo_latents, "train.max_steps=3", "stage.lr_warmup_steps=1", f"checkpoint.load={imported}")
+    assert "initial weights from" in out.stdout + out.stderr
+    a, b = metrics(fresh), metrics(run)
+    assert [r["step"] for r in b] == [1, 2, 3] and b[0]["lr"] == 0.0
+    assert a[0]["loss"] != b[0]["loss"]       # other weights, same first batch

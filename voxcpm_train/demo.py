@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     for stage, rs in by_stage.items():
         print(f"    {stage:9s} steps {rs[0]['step']:3d}-{rs[-1]['step']:3d}  global batch {rs[-1]['global_batch_size']}"
               f"  loss {rs[0]['loss']:.3f} -> {rs[-1]['loss']:.3f}  lr {rs[0]['lr']:.2e} -> {rs[-1]['lr']:.2e}")
-    print(f"    run dir      {run_dir}/ (config.yaml, train.log)")
+    print(f"    run dir      {run_dir}/ (config.yaml, train_rank0.log)")
     print(f"    checkpoints  {ckpt_root}/ (latest: {last.name})")
     print(f"    metrics      {run_dir / 'metrics.jsonl'}, {run_dir / 'val_metrics.jsonl'}")
     print(f"    loss curve   {run_dir / 'loss_curve.png'}")

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import inspect
 
 import torch
 
 from voxcpm_train.config.model import ConfigError
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: CPU for gloo, the current accelerator for NCCL/HCCL."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator()
+    return torch.device(acc.type, torch.accelerator.current_device_index())
 
 
 def _precision(job, platform) -> str:
@@ -61,15 +72,18 @@ def build_model_and_optimizer(job, platform, start):
     bf16 = precision == "bf16"
     p = job.parallel
 
+    model_cfg = job.model
+    if p.recompute != "none":       # parallel.recompute drives the model's activation recompute
+        model_cfg = dataclasses.replace(model_cfg, recompute_granularity=p.recompute)
+    # optim.precision decides the compute dtype: bf16 weights/activations (fp32 main params, grads reduced
+    # in fp32, fp32 Adam state in megatron's optimizer) or fp32 throughout
+    model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16" if bf16 else "float32")
+
     def provider(pre_process: bool, post_process: bool):
-        # Sequence parallelism and recompute must be known at construction (megatron layers and the
-        # per-stack configs read them in __init__; VoxCPMModel scatters/gathers the sequence itself).
-        model_cfg = job.model
-        if p.recompute != "none":
-            model_cfg = dataclasses.replace(model_cfg, recompute_granularity=p.recompute,
-                                            recompute_method="uniform", recompute_num_layers=1)
         model = VoxCPMModel(model_cfg, pre_process=pre_process, post_process=post_process,
                             sequence_parallel=bool(p.sequence_parallel))
+        if not hasattr(model, "share_embeddings_and_output_weights"):
+            model.share_embeddings_and_output_weights = False   # read by finalize_model_grads at PP > 1
         return model
 
     ddp_config = DistributedDataParallelConfig(
@@ -120,7 +134,7 @@ def _check_lr_mult_names(chunks, job) -> None:
     names = [n for c in chunks for n, _ in c.named_parameters()]
     for prefix in sorted(job.optim.lr_mult):
         hit = any(fnmatch.fnmatch(n, f"{prefix}.*") or fnmatch.fnmatch(n, f"*.{prefix}.*") for n in names)
-        t = torch.tensor([1.0 if hit else 0.0])
+        t = torch.tensor([1.0 if hit else 0.0], device=comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if t.item() == 0.0:
             raise ConfigError(f"optim.lr_mult.{prefix}: no model parameter is named {prefix}.* "

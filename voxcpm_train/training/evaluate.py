@@ -51,11 +51,15 @@ def validation_loss(trainer) -> dict | None:
         for chunk in trainer.model_chunks:
             chunk.train()
     # sum over DP (last stage holds the numbers), then share from the last PP stage
+    from voxcpm_train.training.build import comm_device
+
+    sums = sums.to(comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
+    sums = sums.cpu()
     n = max(sums[2].item(), 1.0)
     lam_d, lam_s = job.model.lambda_diff, job.model.lambda_stop
     diff, stop = sums[0].item() / n, sums[1].item() / n

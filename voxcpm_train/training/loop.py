@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from voxcpm_train.config.model import ConfigError
 from voxcpm_train.training import checkpoint as ckio
 from voxcpm_train.training.assets import link_assets, write_run_assets
+from voxcpm_train.training.build import comm_device
 from voxcpm_train.training.curriculum import StageStart, build_scheduler, stage_global_batch
 from voxcpm_train.training.metrics import MetricsLogger, plot_loss_curve
 from voxcpm_train.training.signals import StopSignal
@@ -22,21 +23,18 @@ log = logging.getLogger("voxcpm_train")
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    """Rank 0 logs INFO, the others WARNING (Hydra's job_logging set up the handlers)."""
+    root = logging.getLogger()
+    if not root.handlers:   # used outside the Hydra app
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _all_true(flag: bool) -> bool:
-    t = torch.tensor([0.0 if flag else 1.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() == 0.0
-
-
 def _any_true(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0.0
 
@@ -51,6 +49,8 @@ class Trainer:
         self.platform = setup_platform(job.platform.device)          # before megatron is imported
         if job.platform.threads:
             torch.set_num_threads(int(job.platform.threads))
+        if job.platform.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.env = init_distributed(self.platform)
         _setup_logging(self.env.rank)
 
@@ -82,15 +82,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ #
     def setup(self):
         job = self.job
-        resume_dir = None
+        resume_dir, weights_only = None, False
         if job.checkpoint.resume:
             resume_dir = ckio.find_latest(self.ckpt.root)
         if resume_dir is None and job.checkpoint.load:
+            from voxcpm_train.parallel.checkpoint import is_complete_checkpoint
+
             resume_dir = Path(job.checkpoint.load)
-            if not ckio.is_complete(resume_dir):
-                raise ConfigError(f"checkpoint.load={job.checkpoint.load} is not a complete checkpoint")
+            if not is_complete_checkpoint(resume_dir):
+                raise ConfigError(f"checkpoint.load={job.checkpoint.load} is not a complete checkpoint "
+                                  f"(no model/ and extra_state.json)")
+            # a training checkpoint continues its run; anything else (voxcpm-import) gives weights only
+            weights_only = "stage" not in ckio.read_trainer_state(resume_dir)
         self.resume_dir = resume_dir
-        state = ckio.read_trainer_state(resume_dir) if resume_dir else None
+        state = ckio.read_trainer_state(resume_dir) if resume_dir and not weights_only else None
 
         # where the configured stage starts, and whether this start is a stage switch
         if state is None:
@@ -123,7 +128,11 @@ class Trainer:
         # the scheduler exists before the load: megatron's load_state_dict with override=True keeps the
         # configured stage values and takes only the consumed samples (num_steps) from the checkpoint
         self.scheduler = build_scheduler(self.optimizer, job, self.start)
-        if resume_dir is not None:
+        if weights_only:
+            load_checkpoint(resume_dir, self.model_chunks, optimizer=None, load_rng=False)
+            self.optimizer.reload_model_params()        # fp32 main params <- the loaded weights
+            log.info(f"initial weights from {resume_dir} (fresh optimizer, scheduler and data)")
+        elif resume_dir is not None:
             res = load_checkpoint(resume_dir, self.model_chunks, self.optimizer, self.scheduler)
             if not res.rng_restored:
                 log.info(f"layout changed ({res.saved_layout}): RNG states start fresh")
@@ -137,7 +146,7 @@ class Trainer:
             self.data.load_state_dict(state["data"])
         self.write_config()
         self.metrics = MetricsLogger(self.run_dir, job, enabled=self.env.rank == 0, resume_step=self.step)
-        if resume_dir is not None:
+        if state is not None:
             what = "stage switch" if self.stage_switch else "resume"
             log.info(f"{what}: loaded {resume_dir} (step {self.step}, {self.consumed_samples} samples); "
                      f"stage {self.start.name!r} starts at step {self.start.step}")
@@ -199,7 +208,7 @@ class Trainer:
         fpp = flops_per_position(job.model, seq_len)
         peak = peak_flops_per_device(job.logging.peak_tflops)
         world = self.env.world_size
-        last_saved = self.step if self.resume_dir is not None else None
+        last_saved = self.step if self.resume_dir is not None and self.step > 0 else None
         t_start, steps_done = time.time(), 0
         log.info(f"training stage {self.start.name!r}: steps {self.step} -> {job.train.max_steps}, global batch "
                  f"{self.gbs} rows x {seq_len} positions, {self.num_microbatches} micro-batches of {mbs} per "
@@ -261,7 +270,8 @@ class Trainer:
     def _global_sum(self, local: int) -> int:
         """Sum of a per-rank count over the data-parallel ranks (the first TP/PP rank of each counts)."""
         t = torch.tensor([float(local) if (self.ps.get_tensor_model_parallel_rank() == 0
-                                           and self.ps.get_pipeline_model_parallel_rank() == 0) else 0.0])
+                                           and self.ps.get_pipeline_model_parallel_rank() == 0) else 0.0],
+                         device=comm_device())
         dist.all_reduce(t)
         return int(t.item())
 
