@@ -145,19 +145,9 @@ def replay_reference_draws(seed: int, n: int, patch: int, dim: int, cfg_rate: fl
 
 
 def init_megatron_single() -> None:
-    import socket
+    from voxcpm_train.platform import init_single_process
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    init_single_process()
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -24,13 +24,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def megatron_single():
     """A world of one process (gloo) with megatron's parallel state at TP = PP = 1."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    from voxcpm_train.platform import init_single_process
+
+    init_single_process()
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     yield
 

@@ -66,24 +66,14 @@ def single_process_megatron() -> Iterator[None]:
 
     Reuses what is already set up (it must then be TP = PP = 1); tears down only what it created.
     """
-    import socket
-
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
-    made_pg = made_mp = False
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        made_pg = True
+    from voxcpm_train.platform import init_single_process
+
+    made_pg, made_mp = init_single_process()
     if dist.get_world_size() != 1:
         raise ConversionError(f"conversion runs in one process; torch.distributed has world size {dist.get_world_size()}")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        made_mp = True
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if (tp, pp) != (1, 1):

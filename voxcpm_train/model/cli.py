@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from typing import List, Optional
 
 
 def _init_single_process() -> None:
     """A one-process gloo world with megatron's parallel state at TP = PP = 1 (CPU platform)."""
-    from voxcpm_train.platform import setup_platform
+    from voxcpm_train.platform import init_single_process, setup_platform
 
     setup_platform("cpu")
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    init_single_process()
 
 
 def info(preset: str, overrides: List[str], as_json: bool) -> int:

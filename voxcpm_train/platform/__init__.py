@@ -5,7 +5,7 @@ redirection of megatron-core's hard-coded CUDA calls.
 """
 
 from .core import KINDS, Platform, current_platform, detect_platform, setup_platform
-from .distributed import DistEnv, dist_env, init_distributed
+from .distributed import DistEnv, dist_env, init_distributed, init_single_process
 
 __all__ = [
     "KINDS",
@@ -16,4 +16,5 @@ __all__ = [
     "DistEnv",
     "dist_env",
     "init_distributed",
+    "init_single_process",
 ]

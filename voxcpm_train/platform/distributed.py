@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .core import Platform
 
-__all__ = ["DistEnv", "dist_env", "init_distributed"]
+__all__ = ["DistEnv", "dist_env", "init_distributed", "init_single_process"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,25 @@ def init_distributed(platform: Platform, timeout_s: float = 600.0) -> DistEnv:
         kwargs["device_id"] = torch.device(platform.kind, env.local_rank)
     dist.init_process_group(**kwargs)
     return env
+
+
+def init_single_process(seed: int = 1234) -> tuple[bool, bool]:
+    """A world of one process (gloo, a free loopback port) with megatron's parallel state at TP = PP = 1,
+    for tools, tests and benchmarks. Reuses whatever is already initialised; returns which of
+    (process group, model-parallel state) it created so the caller can tear down only those."""
+    import socket
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    made_pg = made_mp = False
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        made_pg = True
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        made_mp = True
+    return made_pg, made_mp
