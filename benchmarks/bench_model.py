@@ -24,7 +24,6 @@ a loaded machine), positions/s = B*T / median (padding included, as in DESIGN §
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -198,7 +198,6 @@ def test_diverged_replicated_tensor_is_an_error(cfg, ref_sd):
 def test_table_covers_the_released_2b_model():
     """The released VoxCPM2 config.json, built by the reference on the meta device: the table names
     exactly its 577 non-VAE parameters."""
-    import json
     from pathlib import Path
 
     from voxcpm.model.voxcpm2 import VoxCPM2Model, VoxCPMConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from voxcpm_train.config.model import load_model_preset
 

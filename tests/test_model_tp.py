@@ -7,7 +7,6 @@ bit-identical grads on both ranks (the converter's gather checks it)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
