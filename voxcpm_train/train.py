@@ -31,7 +31,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from voxcpm_train.training.loop import train
 
     try:
-        train(job, cfg)
+        train(job)
     except ConfigError as err:
         print(f"voxcpm-train: config error: {err}", file=sys.stderr)
         sys.exit(2)

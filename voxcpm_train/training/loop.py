@@ -42,7 +42,7 @@ def _any_true(flag: bool) -> bool:
 class Trainer:
     """Holds everything of one training process; `run()` is the loop."""
 
-    def __init__(self, job, raw_cfg=None):
+    def __init__(self, job):
         from voxcpm_train.platform import init_distributed, setup_platform
 
         self.job = job
@@ -75,7 +75,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         self.ckpt.clean_interrupted()
-        self.raw_cfg = raw_cfg
 
     # ------------------------------------------------------------------------------------------ #
     # set-up
@@ -297,8 +296,9 @@ class Trainer:
         dist.barrier()
 
 
-def train(job, raw_cfg=None) -> str:
-    trainer = Trainer(job, raw_cfg)
+def train(job) -> str:
+    """Run `job` (a resolved JobConfig) in this process; returns 'done' or 'signal'."""
+    trainer = Trainer(job)
     try:
         trainer.setup()
         return trainer.run()
