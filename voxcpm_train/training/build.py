@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
-import inspect
 
 import torch
 
@@ -102,27 +100,9 @@ def build_model_and_optimizer(job, platform, start):
         use_distributed_optimizer=bool(p.use_distributed_optimizer),
     )
     overrides = lr_mult_overrides(job, opt_config)
-    if "config_overrides" in inspect.signature(popt.build_optimizer).parameters:
-        optimizer = popt.build_optimizer(opt_config, chunks, config_overrides=overrides)
-    else:
-        optimizer = _build_optimizer_with_overrides(opt_config, chunks, overrides)
+    optimizer = popt.build_optimizer(opt_config, chunks, config_overrides=overrides)
     _check_lr_mult_names(chunks, job)
     return chunks, optimizer, opt_config
-
-
-def _build_optimizer_with_overrides(opt_config, chunks, overrides):
-    """Same as voxcpm_train.parallel.optim.build_optimizer, with megatron's config_overrides."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import get_megatron_optimizer
-    from megatron.core.utils import get_model_config
-
-    optimizer = get_megatron_optimizer(opt_config, chunks, config_overrides=overrides)
-    config = get_model_config(chunks[0])
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    no_sync = [c.no_sync for c in chunks]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    return optimizer
 
 
 def _check_lr_mult_names(chunks, job) -> None:

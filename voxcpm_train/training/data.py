@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import torch
 
 from voxcpm_train.config.model import ConfigError
 
