@@ -59,6 +59,9 @@ def init_distributed(platform: Platform, timeout_s: float = 600.0) -> DistEnv:
     if dist.is_initialized():
         return env
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        # a lone process (no launcher) takes a free port, so two such jobs on one machine don't collide
+        os.environ["MASTER_PORT"] = str(_free_loopback_port())
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     kwargs = dict(
         backend=platform.backend,
@@ -73,19 +76,23 @@ def init_distributed(platform: Platform, timeout_s: float = 600.0) -> DistEnv:
     return env
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_single_process(seed: int = 1234) -> tuple[bool, bool]:
     """A world of one process (gloo, a free loopback port) with megatron's parallel state at TP = PP = 1,
     for tools, tests and benchmarks. Reuses whatever is already initialised; returns which of
     (process group, model-parallel state) it created so the caller can tear down only those."""
-    import socket
-
     from megatron.core import parallel_state, tensor_parallel
 
     made_pg = made_mp = False
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_loopback_port()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         made_pg = True
     if not parallel_state.model_parallel_is_initialized():
