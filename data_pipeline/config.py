@@ -3,7 +3,7 @@ structured configs; `voxcpm_train.config` may register them in its ConfigStore."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -17,11 +17,24 @@ class LayoutProbs:
 
 
 @dataclass
+class SampleFilter:
+    """Which samples of the latent folder a dataset holds: every set condition must hold (null / false =
+    no condition). Applied when the dataset's index is built; recorded in the loader state."""
+
+    min_dnsmos: Optional[float] = None          # dnsmos >= this (samples without a dnsmos value are dropped)
+    require_description: bool = False           # only voice-design samples (a non-empty description)
+    languages: Optional[List[str]] = None       # language tags to keep (case-insensitive), e.g. [en, zh]
+    min_duration: Optional[float] = None        # seconds, inclusive
+    max_duration: Optional[float] = None        # seconds, inclusive
+
+
+@dataclass
 class DatasetConfig:
     name: str = "demo"
     path: str = "demo_data/latents"      # folder written by `voxcpm-data encode`
     weight: float = 1.0                  # blend weight (stages may override)
     layouts: LayoutProbs = field(default_factory=LayoutProbs)
+    filter: SampleFilter = field(default_factory=SampleFilter)   # sample subset of `path` (default: all)
 
 
 @dataclass
@@ -51,3 +64,17 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 4
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+
+def to_dict(x) -> dict:
+    """A dict / OmegaConf node / dataclass instance as a plain dict (nested nodes resolved)."""
+    if isinstance(x, dict):
+        return dict(x)
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(x):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:
+        pass
+    import dataclasses
+    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else vars(x)

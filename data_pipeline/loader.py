@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig, LayoutProbs
+from .config import DataConfig, LayoutProbs, to_dict as _as_dict
 from .latent_dataset import LatentDataset
 from .packing import BatchPlanner, row_seed
 from .sequences import build_sequence
@@ -32,16 +32,6 @@ def rank_reads_data(tp_rank: int, pp_rank: int, pp_size: int) -> bool:
     """Who opens the loader: TP rank 0 of the first and last pipeline stages (it broadcasts the batch to
     its TP group); middle pipeline stages read nothing."""
     return tp_rank == 0 and pp_rank in (0, pp_size - 1)
-
-
-def _as_dict(x) -> dict:
-    if isinstance(x, dict):
-        return dict(x)
-    try:
-        from omegaconf import OmegaConf
-        return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else vars(x)
-    except ImportError:
-        return vars(x)
 
 
 class MicroBatchAssembler(Dataset):
@@ -120,7 +110,9 @@ class VoxCPMDataLoader:
         self.names = [s["name"] for s in specs]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"dataset names must be unique: {self.names}")
-        self.datasets = [LatentDataset(s["path"], self.tokenizer, cfg.patch_size) for s in specs]
+        self.datasets = [LatentDataset(s["path"], self.tokenizer, cfg.patch_size, filter=s.get("filter"), name=s["name"])
+                         for s in specs]
+        self.filters = [d.filter for d in self.datasets]      # canonical: {} = every sample of the folder
         self.weights = list(weights) if weights is not None else [float(s.get("weight", 1.0)) for s in specs]
         layouts = [_as_dict(s.get("layouts") or LayoutProbs()) for s in specs]
         self._layouts = layouts
@@ -166,7 +158,7 @@ class VoxCPMDataLoader:
                 del self._windows[:i]      # older windows are never needed again
         return {"version": STATE_VERSION, "seed": self.cfg.seed, "datasets": self.names, "weights": self.weights,
                 "next_global_microbatch": g, "next_row": self._row_of(snap, g), "planner": copy.deepcopy(snap),
-                "dataset_sizes": [len(d) for d in self.datasets]}
+                "dataset_sizes": [len(d) for d in self.datasets], "filters": copy.deepcopy(self.filters)}
 
     def _row_of(self, snap: dict, g: int) -> int:
         """Global row index of micro-batch g (replays at most the windows from `snap` up to g)."""
@@ -180,15 +172,17 @@ class VoxCPMDataLoader:
         return p.state["rows"] if p.state["mbs"] == g else snap["rows"]
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` left off (any DP size). If the blend (weights or dataset list)
-        differs — a curriculum stage switch — continue each dataset from the window's start cursors with
-        the new weights (at most one window of samples is revisited)."""
+        """Continue exactly where `state` left off (any DP size). If the blend (weights, dataset list or a
+        dataset's sample filter) differs — a curriculum stage switch — continue each dataset from the
+        window's start cursors with the new weights (at most one window of samples is revisited); a dataset
+        that is new or whose filter changed starts from cursor 0 (it is another sample set)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} != {STATE_VERSION}")
         if state["seed"] != self.cfg.seed:
             raise ValueError(f"data loader state has seed {state['seed']}, config has {self.cfg.seed}")
         snap, g = copy.deepcopy(state["planner"]), int(state["next_global_microbatch"])
-        same_blend = state["datasets"] == self.names and np.allclose(state["weights"], self.weights)
+        same_blend = (state["datasets"] == self.names and np.allclose(state["weights"], self.weights)
+                      and self._saved_filters(state) == self.filters)
         if same_blend:
             sizes = [len(d) for d in self.datasets]
             if state.get("dataset_sizes", sizes) != sizes:
@@ -198,9 +192,15 @@ class VoxCPMDataLoader:
         self._start_snapshot, self._start_global = snap, g
         self._consumed, self._windows, self._it = 0, [], None
 
+    @staticmethod
+    def _saved_filters(state: dict) -> list[dict]:
+        """The filters of a saved state (states written before filters existed: no filter)."""
+        return state.get("filters") or [{} for _ in state["datasets"]]
+
     def _stage_switch(self, state: dict, snap: dict, g: int) -> dict:
-        old = {n: i for i, n in enumerate(state["datasets"])}
-        cursors = [snap["cursors"][old[n]] if n in old else 0 for n in self.names]
+        old = {n: (i, f) for i, (n, f) in enumerate(zip(state["datasets"], self._saved_filters(state)))}
+        cursors = [snap["cursors"][old[n][0]] if n in old and old[n][1] == f else 0
+                   for n, f in zip(self.names, self.filters)]
         return {"stage": snap.get("stage", 0) + 1, "window": 0, "cursors": cursors, "pending": [],
                 "rows": int(state["next_row"]), "mbs": g, "dropped": snap.get("dropped", 0)}
 

@@ -1,10 +1,12 @@
 """Exact resume: a run killed with SIGKILL in the middle and started again with the same command has
-bit-identical per-step losses to an uninterrupted run (DP=1 and DP=2); leftovers of an interrupted
-checkpoint write are ignored; SIGTERM (Slurm preemption) leaves a resumable checkpoint."""
+bit-identical per-step losses to an uninterrupted run (DP=1 and DP=2, and with async checkpoint saves);
+leftovers of an interrupted checkpoint write are ignored; SIGTERM (Slurm preemption) leaves a resumable
+checkpoint."""
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -80,3 +82,31 @@ def test_kill9_resume_dp2(tmp_path, demo_latents):
     out = run_train(run, demo_latents, *ARGS, nproc=2)
     _check_resumed(out, run)
     _same_steps(ref, run)
+
+
+@pytest.mark.slow
+def test_async_save_kill9_resume(tmp_path, demo_latents):
+    """checkpoint.async_save=true (megatron's forked writer, distributed optimizer): killed with SIGKILL
+    once an async checkpoint is committed, the same command resumes from it and the losses of every step
+    equal the uninterrupted synchronous run bit for bit."""
+    ref = tmp_path / "uninterrupted"
+    run_train(ref, demo_latents, *ARGS)
+    run = tmp_path / "async"
+    args = (*ARGS, "checkpoint.async_save=true")
+    proc = start_train(run, demo_latents, *args)
+    latest, t0 = run / "checkpoints" / "latest", time.time()
+    while not latest.is_file():                      # written only when the async write is finalized
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+        assert time.time() - t0 < 240
+        time.sleep(0.02)
+    kill9(proc)
+    done = max(r["step"] for r in metrics(run))
+    assert done < STEPS
+    committed = latest.read_text().strip()
+    assert (run / "checkpoints" / committed / "COMPLETE").is_file()
+    out = run_train(run, demo_latents, *args)
+    log = out.stdout + out.stderr
+    assert f"resume: loaded {run / 'checkpoints' / committed}" in log, log[-3000:]
+    assert "scheduled (async)" in log and "committed" in log
+    _same_steps(ref, run)
+    assert checkpoints(run) == ["step_0000008", "step_0000010"]      # no temp dir left behind

@@ -4,13 +4,21 @@ compatible BPE tokenizer trained on its texts (ids 101-104 reserved for the audi
 
     apt-get install -y espeak-ng   # Debian package
     python -m data_pipeline.scripts.make_demo_corpus --out demo_data
+    python -m data_pipeline.scripts.make_demo_corpus --out demo_data --metadata-only  # JSON only
+
+Every utterance gets a deterministic, Emilia-like DNSMOS value (`demo_dnsmos`: 3.0-3.75 from a hash of its
+id; Emilia itself keeps clips with DNSMOS >= 3.0), so quality filters (`min_dnsmos: 3.4` keeps 21 of the
+45) have something to split. `--metadata-only` rewrites the `<id>.json` members of the existing tars with
+the current metadata and keeps every audio member byte-identical (no espeak-ng needed).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +87,20 @@ DESCRIPTIONS = {
 }
 
 
+def demo_dnsmos(uid: str) -> float:
+    """A stand-in DNSMOS (P.835 OVRL) score for a synthetic clip: uniform in [3.0, 3.75) from sha256(id)."""
+    u = int.from_bytes(hashlib.sha256(uid.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return round(3.0 + 0.75 * u, 4)
+
+
+def demo_metadata(uid: str, spk: str, i: int, text: str, duration: float) -> dict:
+    meta = {"id": uid, "text": " " + text, "duration": duration, "speaker": spk, "language": VOICES[spk][1],
+            "dnsmos": demo_dnsmos(uid)}
+    if (spk, i) in DESCRIPTIONS:
+        meta["description"] = DESCRIPTIONS[(spk, i)]
+    return meta
+
+
 def synthesize(voice: str, speed: int, text: str) -> tuple[np.ndarray, int]:
     wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
                          check=True, capture_output=True).stdout
@@ -110,16 +132,37 @@ def make_corpus(out: Path, shards: int = 2) -> list[dict]:
             audio, sr = synthesize(voice, speed, text)
             uid = f"{lang.upper()}_{spk}_{i:04d}"
             data = encode_audio(audio, sr, fmt, out_sr)
-            meta = {"id": uid, "text": " " + text, "duration": round(len(audio) / sr, 3), "speaker": spk,
-                    "language": lang, "dnsmos": None}  # dnsmos not measured for synthetic speech
-            if (spk, i) in DESCRIPTIONS:
-                meta["description"] = DESCRIPTIONS[(spk, i)]
+            meta = demo_metadata(uid, spk, i, text, round(len(audio) / sr, 3))
             members[n % shards] += [(f"{uid}.{fmt}", data), (f"{uid}.json", json_bytes(meta))]
             metas.append(meta)
             n += 1
     out.mkdir(parents=True, exist_ok=True)
     for s, m in enumerate(members):
         (out / f"demo-{s:06d}.tar").write_bytes(tar_bytes(m))
+    return metas
+
+
+def rewrite_metadata(folder: Path) -> list[dict]:
+    """Rewrite the `<id>.json` members of the corpus tars in `folder` with `demo_metadata` (text and
+    duration as stored); audio members and member order are kept byte for byte."""
+    metas = []
+    for path in sorted(folder.glob("demo-*.tar")):
+        with tarfile.open(path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        out = []
+        for name, data in members:
+            if name.endswith(".json"):
+                old = json.loads(data)
+                spk, uid = old["speaker"], old["id"]
+                meta = demo_metadata(uid, spk, int(uid.rsplit("_", 1)[1]), old["text"][1:], old["duration"])
+                if meta["text"] != old["text"]:
+                    raise ValueError(f"{path}/{name}: unexpected text {old['text']!r}")
+                data = json_bytes(meta)
+                metas.append(meta)
+            out.append((name, data))
+        new = tar_bytes(out)
+        if new != path.read_bytes():
+            path.write_bytes(new)
     return metas
 
 
@@ -154,8 +197,15 @@ def make_tokenizer(out: Path, texts: list[str], vocab_size: int = 1500) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_data")
+    ap.add_argument("--metadata-only", action="store_true",
+                    help="rewrite only the JSON metadata of the existing tars (audio and tokenizer kept)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.metadata_only:
+        metas = rewrite_metadata(out / "emilia")
+        hq = sum(m["dnsmos"] >= 3.4 for m in metas)
+        print(f"{len(metas)} utterances' metadata rewritten in {out / 'emilia'} ({hq} with dnsmos >= 3.4)")
+        return
     metas = make_corpus(out / "emilia")
     texts = [m["text"].strip() for m in metas] + [f"({m['description']}){m['text'].strip()}" for m in metas if "description" in m]
     texts += [t for lang in TEXTS.values() for t in lang]

@@ -13,3 +13,4 @@ class CheckpointConfig:
     load: Optional[str] = None       # start from this checkpoint dir instead (e.g. an import)
     save_at_end: bool = True
     exit_on_signal: bool = True      # SIGTERM/SIGUSR1: checkpoint, then exit (Slurm requeues)
+    async_save: bool = False         # write the tensors in a forked process while training goes on

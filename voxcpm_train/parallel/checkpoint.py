@@ -285,12 +285,25 @@ def save_checkpoint(
     scheduler=None,
     extra_state: dict | None = None,
     rank_state: dict | None = None,
-) -> None:
+    *,
+    async_save: bool = False,
+):
     """Save model (+ optimizer, scheduler) to ``ckpt_dir`` (collective over all ranks).
 
     ``extra_state``: JSON-serialisable run state (step, consumed samples, config) written by
     rank 0. ``rank_state``: per-rank state (e.g. data-loader position) of tensors/containers/
     primitives; stored with this rank's RNG states.
+
+    ``async_save=True``: megatron's async torch_dist path. Everything the checkpoint holds is
+    captured now (sharded state dict planned, CPU copies / views of the tensors taken, RNG,
+    scheduler and step recorded, ``common.pt`` and ``rank_state/`` written); the tensor files
+    are written by the returned megatron ``AsyncRequest``, which the caller must schedule at
+    once (``AsyncCallsQueue(persistent=False).schedule_async_request``: a *forked* writer, whose
+    copy-on-write snapshot of this process is what makes CPU tensors that training goes on
+    updating safe) and finalize on every rank. Its finalize functions write ``.metadata`` /
+    ``metadata.json`` (megatron, raising if any rank's write failed) and then
+    ``extra_state.json``, so the directory is a complete checkpoint only after finalization.
+    Returns None for a synchronous save.
     """
     from megatron.core import dist_checkpointing
 
@@ -317,15 +330,17 @@ def save_checkpoint(
         _, flat = _optimizer_sharded_tensors(optimizer, sharded["model"], is_loading=False)
         sharded["optimizer_tensors"] = flat
     _use_fork_results_queue()
-    dist_checkpointing.save(sharded, str(ckpt_dir / _MODEL_DIR))
+    request = dist_checkpointing.save(sharded, str(ckpt_dir / _MODEL_DIR),
+                                      async_sharded_save=async_save)
 
     torch.save(
         {"rng": _rng_state(), "layout": _layout(), "user": rank_state},
         ckpt_dir / _RANK_DIR / f"rank_{rank:05d}.pt",
     )
-    dist.barrier()
+    # captured now: with an async save the scheduler/optimizer move on before finalization
+    meta = None
     if rank == 0:
-        meta = {
+        meta = json.dumps({
             "format_version": FORMAT_VERSION,
             "layout": _layout(),
             "optimizer": None if optimizer is None else {
@@ -335,11 +350,21 @@ def save_checkpoint(
             },
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "extra": extra_state or {},
-        }
-        tmp = ckpt_dir / (_EXTRA + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, ckpt_dir / _EXTRA)
-    dist.barrier()
+        }, indent=1, sort_keys=True)
+
+    def write_extra_state():
+        dist.barrier()
+        if rank == 0:
+            tmp = ckpt_dir / (_EXTRA + ".tmp")
+            tmp.write_text(meta)
+            os.replace(tmp, ckpt_dir / _EXTRA)
+        dist.barrier()
+
+    if request is None:
+        write_extra_state()
+        return None
+    request.add_finalize_fn(write_extra_state)   # after megatron's own (.metadata, metadata.json)
+    return request
 
 
 def _grad_scaler_state(optimizer):

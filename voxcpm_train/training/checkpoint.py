@@ -13,6 +13,15 @@
 
 A directory counts as a checkpoint only when it is named `step_<n>` and holds `COMPLETE`; `latest` is a
 hint (the newest complete directory wins if `latest` is stale or missing).
+
+Async saves (`checkpoint.async_save`): `save_async` creates the temp dir, lets `write` capture the state and
+return megatron's `AsyncRequest`, and schedules it on megatron's `AsyncCallsQueue` (a forked writer per
+rank); training goes on. The request's finalize functions run on every rank once every rank's writer has
+exited (`finalize_pending`, polled each step, blocking before the next save, on a signal and at the end):
+megatron's (`.metadata`, failure check), the caller's (extra_state.json), then ours: each rank checks
+that its writer reached its end (a per-rank `.async_ok` file written by the writer as its last act), all
+ranks agree, and only then `commit` writes `COMPLETE`, renames and moves `latest`. A writer that died,
+failed or was never finalized leaves `step_<n>.tmp/` without the marker: never a checkpoint.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -27,6 +37,7 @@ import torch.distributed as dist
 
 MARKER = "COMPLETE"
 LATEST = "latest"
+ASYNC_OK = ".async_ok"          # temp-dir folder: one file per rank whose async writer finished
 _NAME = re.compile(r"^step_(\d{7,})$")
 
 
@@ -91,12 +102,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _all_ranks_true(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch
+
+    from voxcpm_train.training.build import comm_device
+
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item() > 0.0
+
+
+def _writer_then_mark(async_fn, ok_file: Path):
+    """The async writer, then (only if it returned) this rank's `.async_ok` file: runs in the forked writer."""
+    def run(*args, **kwargs):
+        async_fn(*args, **kwargs)
+        ok_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(ok_file, "ok\n")
+    return run
+
+
 class CheckpointManager:
     """Writes checkpoints through the directory protocol and prunes old ones (rank 0 does the renames)."""
 
     def __init__(self, root: str | os.PathLike, keep_last: int = 3):
         self.root = Path(root)
         self.keep_last = int(keep_last)
+        self._queue = None          # megatron AsyncCallsQueue, made on the first async save
+        self._pending: List[tuple] = []    # (step, time scheduled) of scheduled, unfinalized saves
+        self.committed: List[tuple] = []   # (step, final dir, seconds from schedule to commit) of async saves
 
     def clean_interrupted(self) -> List[Path]:
         """Delete leftovers of interrupted writes (rank 0); returns what was removed."""
@@ -146,9 +181,78 @@ class CheckpointManager:
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Synchronous save: `write(tmp_dir)` runs on every rank, then `commit`."""
+        self.finalize_pending(blocking=True)
         tmp = self.begin(step)
         write(tmp)
         return self.commit(step)
+
+    # -- async --------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> List[int]:
+        """Steps of scheduled async saves not finalized yet (the same on every rank)."""
+        return [s for s, _ in self._pending]
+
+    def save_async(self, step: int, write: Callable[[Path], object]) -> Path:
+        """Async save (collective): finalize what is pending, then `write(tmp_dir)` returns megatron's
+        `AsyncRequest` (or None: written synchronously); it is scheduled and committed by a later
+        `finalize_pending`. Returns the temp dir."""
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.finalize_pending(blocking=True)     # one save in flight at a time (megatron's results queue)
+        tmp = self.begin(step)
+        request = write(tmp)
+        if request is None:
+            self.commit(step)
+            return tmp
+        ok = tmp / ASYNC_OK / f"rank_{_rank():05d}"
+        expect_ok = request.async_fn is not None     # None: nothing to write on this rank
+        if expect_ok:
+            request = request._replace(async_fn=_writer_then_mark(request.async_fn, ok))
+        scheduled = time.time()
+
+        def check_and_commit():
+            if not _all_ranks_true(ok.is_file() or not expect_ok):
+                raise RuntimeError(f"async checkpoint of step {step}: a rank's writer did not finish; "
+                                   f"{tmp} stays incomplete (never loaded, deleted on the next start)")
+            _barrier()
+            if _rank() == 0:
+                shutil.rmtree(tmp / ASYNC_OK, ignore_errors=True)
+            final = self.commit(step)
+            self.committed.append((step, final, time.time() - scheduled))
+
+        request.add_finalize_fn(check_and_commit)
+        if self._queue is None:
+            # not persistent: a fork per save, whose copy-on-write snapshot keeps CPU tensors (which
+            # megatron's preload does not copy) as they were when the save was scheduled
+            self._queue = AsyncCallsQueue(persistent=False)
+        self._queue.schedule_async_request(request)
+        self._pending.append((step, scheduled))
+        return tmp
+
+    def finalize_pending(self, blocking: bool = False) -> List[int]:
+        """Finalize (commit) the async saves whose writers finished on every rank; with `blocking`, wait
+        for all. Collective when something is pending. Returns the committed steps."""
+        if self._queue is None or not self._pending:
+            return []
+        n = len(self._pending)
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        finally:   # a failed finalize (raised on every rank) also leaves the queue
+            left = self._queue.get_num_unfinalized_calls()
+            steps = [s for s, _ in self._pending[:n - left]]
+            del self._pending[:n - left]
+        return steps
+
+    def abort_pending(self) -> None:
+        """Kill this rank's writers without finalizing (error path): their temp dirs stay incomplete."""
+        if self._queue is not None:
+            for call in list(self._queue.async_calls):
+                try:
+                    call.async_caller.close(abort=True)
+                except Exception:
+                    pass
+            self._queue.async_calls.clear()
+        self._pending.clear()
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict:

@@ -69,6 +69,7 @@ class Trainer:
 
         self.run_dir = Path(job.run.dir)
         self.ckpt = ckio.CheckpointManager(self.run_dir / "checkpoints", job.checkpoint.keep_last)
+        self.save_blocked_s: list = []      # seconds the loop waited in each save() (sync: the whole write)
         if self.env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -148,11 +149,16 @@ class Trainer:
             log.info(f"{what}: loaded {resume_dir} (step {self.step}, {self.consumed_samples} samples); "
                      f"stage {self.start.name!r} starts at step {self.start.step}")
 
+    def _config_yaml(self) -> str:
+        if getattr(self, "_config_text", None) is None:    # the job never changes during a run
+            self._config_text = OmegaConf.to_yaml(OmegaConf.structured(self.job))
+        return self._config_text
+
     def write_config(self):
         if self.env.rank != 0:
             return
         write_run_assets(self.job, self.run_dir)
-        text = OmegaConf.to_yaml(OmegaConf.structured(self.job))
+        text = self._config_yaml()
         (self.run_dir / "config.yaml").write_text(text)
         (self.run_dir / f"config_{self.job.stage.name}.yaml").write_text(text)
 
@@ -171,21 +177,48 @@ class Trainer:
         }
 
     def save(self, reason: str):
+        """Write a checkpoint of the current step. Sync: returns the final dir. Async
+        (`checkpoint.async_save`): returns once the state is captured and the writers are forked; the
+        checkpoint is committed (COMPLETE, `latest`) by a later `finalize_saves`."""
         from voxcpm_train.parallel.checkpoint import save_checkpoint
 
+        async_save = bool(self.job.checkpoint.async_save)
+        t_wait = time.time()
+        self.finalize_saves(blocking=True)       # the previous async save first
         t0 = time.time()
         extra = self.trainer_state()
         extra["data"] = self.data.state_dict()   # same on every rank: counts global micro-batches
 
         def write(tmp: Path):
-            save_checkpoint(tmp, self.model_chunks, self.optimizer, self.scheduler, extra_state=extra)
             if self.env.rank == 0:
-                (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.job)))
+                (tmp / "config.yaml").write_text(self._config_yaml())
                 link_assets(tmp)   # voxcpm-export reads <ckpt>/hf_assets
+            return save_checkpoint(tmp, self.model_chunks, self.optimizer, self.scheduler, extra_state=extra,
+                                   async_save=async_save)
 
+        if async_save:
+            tmp = self.ckpt.save_async(self.step, write)
+            blocked = time.time() - t0
+            self.save_blocked_s.append(blocked)
+            log.info(f"checkpoint ({reason}) step {self.step} -> {tmp} scheduled (async) in {blocked:.2f}s "
+                     f"(+{t0 - t_wait:.2f}s waiting for the previous one)")
+            return tmp
         final = self.ckpt.save(self.step, write)
-        log.info(f"checkpoint ({reason}) step {self.step} -> {final} in {time.time() - t0:.1f}s")
+        blocked = time.time() - t0
+        self.save_blocked_s.append(blocked)
+        log.info(f"checkpoint ({reason}) step {self.step} -> {final} in {blocked:.2f}s")
         return final
+
+    def finalize_saves(self, blocking: bool) -> None:
+        """Commit the async saves whose writers are done on every rank (all of them with `blocking`)."""
+        if not self.ckpt.pending:
+            return
+        t0 = time.time()
+        n = len(self.ckpt.committed)
+        self.ckpt.finalize_pending(blocking=blocking)
+        for step, final, age in self.ckpt.committed[n:]:
+            log.info(f"checkpoint step {step} committed -> {final} ({age:.2f}s after it was scheduled; "
+                     f"finalize {'blocked' if blocking else 'took'} {time.time() - t0:.2f}s)")
 
     # ------------------------------------------------------------------------------------------ #
     # the loop
@@ -211,6 +244,7 @@ class Trainer:
                  f"{self.gbs} rows x {seq_len} positions, {self.num_microbatches} micro-batches of {mbs} per "
                  f"rank, tp={job.parallel.tp} pp={job.parallel.pp} dp={self.dp}")
         while self.step < job.train.max_steps:
+            self.finalize_saves(blocking=False)     # async checkpoints whose writes are done
             t0 = time.time()
             lr = get_canonical_lr_for_logging(self.optimizer.param_groups)
             counter, seg_counter = self.data.position_counter(), self.data.segment_counter()
@@ -253,11 +287,13 @@ class Trainer:
                     self.save(f"signal {stopper.name}")
                     last_saved = self.step
                 if job.checkpoint.exit_on_signal:
+                    self.finalize_saves(blocking=True)
                     self.finish(plot=False)
                     return "signal"
                 stopper.reset()
         if job.checkpoint.save_at_end and last_saved != self.step:
             self.save("end")
+        self.finalize_saves(blocking=True)
         if job.logging.sample_at_end and steps_done and not (
                 job.logging.sample_every and self.step % job.logging.sample_every == 0):
             self.generate_samples()
@@ -284,7 +320,18 @@ class Trainer:
 
         generate_samples(self)
 
+    def log_data_readers(self) -> None:
+        """Which ranks built a training loader and how many micro-batches each read (collective)."""
+        world, rank = self.env.world_size, self.env.rank
+        t = torch.zeros(2 * world, dtype=torch.float64, device=comm_device())
+        t[rank], t[world + rank] = float(self.data.is_reader), float(self.data.reads)
+        dist.all_reduce(t)
+        built = [r for r in range(world) if t[r].item() > 0]
+        log.info(f"data: training loaders built on ranks {built} of {world}; micro-batches read per rank "
+                 f"{[int(x) for x in t[world:].tolist()]} (TP rank 0 reads, broadcasts over the TP group)")
+
     def finish(self, plot: bool):
+        self.log_data_readers()
         if self.env.rank == 0 and plot:
             png = plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
                                   self.run_dir / "val_metrics.jsonl")
@@ -297,10 +344,15 @@ class Trainer:
 def train(job) -> str:
     """Run `job` (a resolved JobConfig) in this process; returns 'done' or 'signal'."""
     trainer = Trainer(job)
+    ok = False
     try:
         trainer.setup()
-        return trainer.run()
+        result = trainer.run()
+        ok = True
+        return result
     finally:
+        if not ok:   # an async write still in flight is killed, never committed (its temp dir stays incomplete)
+            trainer.ckpt.abort_pending()
         from voxcpm_train.parallel.state import destroy_model_parallel
 
         try:
