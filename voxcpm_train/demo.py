@@ -1,7 +1,7 @@
 """`make demo`: the whole framework end to end on CPU in a few minutes.
 
 1. encode the bundled Emilia-style corpus (demo_data/emilia) with the small AudioVAE V2 config
-   -> demo_data/latents (skipped when already there);
+   -> demo_data/latents (shards already encoded are kept);
 2. train the tiny model through the three curriculum stages on one run dir (runs/demo):
    pretrain (warmup + stable), joint (+ voice design / clone blends), anneal (batch x2, decay);
    every stage is a plain `voxcpm-train experiment=demo stage=... train.max_steps=...` that resumes
@@ -36,9 +36,8 @@ def _run(cmd: list, what: str, env=None) -> None:
 
 
 def encode_corpus(src: Path, out: Path, env) -> None:
-    if (out / "meta.json").is_file() and list(out.glob("*.tar")):
-        print(f"=== latents already in {out}: not re-encoding")
-        return
+    # `voxcpm-data encode` resumes: shards already complete are not redone, and a folder encoded with
+    # other settings is refused with a message naming it.
     _run([sys.executable, "-m", "data_pipeline.cli", "encode", str(src), "--output", str(out),
           "--config", "small", "--device", "cpu"], "encode the demo corpus (AudioVAE V2, small config)", env)
 
