@@ -1,5 +1,6 @@
 """A checkpoint saved at PP=2 resumes at TP=2 and at TP=PP=DP=1: the steps after the resume match the
-uninterrupted PP=2 run (1e-5 relative), optimizer and scheduler state included."""
+uninterrupted PP=2 run (1e-5 relative), optimizer and scheduler state included. At TP=2 only TP rank 0
+reads data (it broadcasts the micro-batches over the TP group)."""
 from __future__ import annotations
 
 import pytest
@@ -19,6 +20,9 @@ def test_resume_across_layouts(tmp_path, demo_latents):
         run = tmp_path / name
         out = run_train(run, demo_latents, *ARGS, *layout, f"checkpoint.load={ckpt}", nproc=nproc)
         assert "resume: loaded" in out.stdout + out.stderr
+        if name == "tp2":   # only TP rank 0 built and iterated a training loader; rank 1 got broadcasts
+            assert "data: training loaders built on ranks [0] of 2; micro-batches read per rank [6, 0]" \
+                in out.stdout + out.stderr
         got = metrics(run)
         assert [r["step"] for r in got] == [4, 5, 6]
         for r in got:
