@@ -126,6 +126,10 @@ class Trainer:
         # the scheduler exists before the load: megatron's load_state_dict with override=True keeps the
         # configured stage values and takes only the consumed samples (num_steps) from the checkpoint
         self.scheduler = build_scheduler(self.optimizer, job, self.start)
+        if job.checkpoint.async_save and job.parallel.use_distributed_optimizer:
+            log.info("checkpoint.async_save with the distributed optimizer: megatron-core 0.16.1 gathers its "
+                     "state (fully_reshardable format) synchronously when a save starts; only the file write "
+                     "overlaps training (docs/launch.md)")
         if weights_only:
             load_checkpoint(resume_dir, self.model_chunks, optimizer=None, load_rng=False)
             self.optimizer.reload_model_params()        # fp32 main params <- the loaded weights
