@@ -18,6 +18,25 @@ def _setup() -> None:
     setup_platform("cpu")
 
 
+def _convert(prog: str, run, model_config: Optional[str]) -> int:
+    """``run(config)`` with the model preset/YAML ``model_config`` (or None); errors as one line, exit 1."""
+    from voxcpm_train.convert.mapping import ConversionError
+
+    config = None
+    if model_config:
+        from voxcpm_train.config.model import load_model_preset
+
+        config = load_model_preset(model_config)
+    start = time.time()
+    try:
+        out = run(config)
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{prog}: wrote {out} in {time.time() - start:.1f} s")
+    return 0
+
+
 def import_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="voxcpm-import",
@@ -34,21 +53,9 @@ def import_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _setup()
     from voxcpm_train.convert.checkpoint import import_folder
-    from voxcpm_train.convert.mapping import ConversionError
 
-    config = None
-    if args.model_config:
-        from voxcpm_train.config.model import load_model_preset
-
-        config = load_model_preset(args.model_config)
-    start = time.time()
-    try:
-        out = import_folder(args.src, args.dst, model_config=config)
-    except (ConversionError, FileNotFoundError) as err:
-        print(f"voxcpm-import: error: {err}", file=sys.stderr)
-        return 1
-    print(f"voxcpm-import: wrote {out} in {time.time() - start:.1f} s")
-    return 0
+    return _convert("voxcpm-import", lambda config: import_folder(args.src, args.dst, model_config=config),
+                    args.model_config)
 
 
 def export_main(argv: Optional[List[str]] = None) -> int:
@@ -77,21 +84,12 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _setup()
     from voxcpm_train.convert.checkpoint import export_checkpoint
-    from voxcpm_train.convert.mapping import ConversionError
 
-    config = None
-    if args.model_config:
-        from voxcpm_train.config.model import load_model_preset
-
-        config = load_model_preset(args.model_config)
-    start = time.time()
-    try:
-        out = export_checkpoint(args.src, args.dst, assets=args.assets, dtype=args.dtype, model_config=config)
-    except (ConversionError, FileNotFoundError) as err:
-        print(f"voxcpm-export: error: {err}", file=sys.stderr)
-        return 1
-    print(f"voxcpm-export: wrote {out} in {time.time() - start:.1f} s")
-    return 0
+    return _convert(
+        "voxcpm-export",
+        lambda config: export_checkpoint(args.src, args.dst, assets=args.assets, dtype=args.dtype, model_config=config),
+        args.model_config,
+    )
 
 
 if __name__ == "__main__":  # python -m voxcpm_train.convert.cli {import,export} ...
