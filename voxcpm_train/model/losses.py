@@ -1,7 +1,7 @@
 """Flow-matching draws and the two training losses (diffusion MSE, stop cross-entropy).
 
 `FlowDraws` holds, for the N = B·T positions in row-major order, the CFG keep flag, the time t and the
-noise z. `draw_flow_noise` makes them per row from `torch.Generator().manual_seed(row_seed)` in a fixed
+noise z. `draw_flow_noise` makes them per row from `torch.Generator(device).manual_seed(row_seed)` in a fixed
 order (cfg uniform, t normal, noise normal), so they do not depend on TP/PP/DP layout or micro-batching.
 """
 
@@ -33,15 +33,27 @@ class FlowDraws:
 
 
 def draw_flow_noise(
-    row_seeds: torch.Tensor, T: int, P: int, D: int, cfg_rate: float = 0.1, t_mu: float = -0.4, t_sigma: float = 1.0
+    row_seeds: torch.Tensor,
+    T: int,
+    P: int,
+    D: int,
+    cfg_rate: float = 0.1,
+    t_mu: float = -0.4,
+    t_sigma: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> FlowDraws:
-    """Per-row draws: keep = U[0,1) > cfg_rate; t = sigmoid(t_mu + t_sigma·N(0,1)); z ~ N(0, I). fp32, CPU."""
+    """Per-row draws: keep = U[0,1) > cfg_rate; t = sigmoid(t_mu + t_sigma·N(0,1)); z ~ N(0, I). fp32.
+
+    Drawn on ``device`` with that device's generator (on an accelerator this avoids a host-side draw and
+    copy per micro-batch); a device kind's stream differs from the CPU's, so runs compare bitwise only on
+    the same device kind. Layout-independence holds on every kind (one generator per row)."""
+    device = torch.device(device)
     t_rows, noise_rows, keep_rows = [], [], []
     for seed in row_seeds.tolist():
-        gen = torch.Generator().manual_seed(int(seed))
-        keep_rows.append((torch.rand(T, generator=gen) > cfg_rate).to(torch.float32))
-        t_rows.append(torch.sigmoid(torch.randn(T, generator=gen) * t_sigma + t_mu))
-        noise_rows.append(torch.randn(T, P, D, generator=gen))
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        keep_rows.append((torch.rand(T, generator=gen, device=device) > cfg_rate).to(torch.float32))
+        t_rows.append(torch.sigmoid(torch.randn(T, generator=gen, device=device) * t_sigma + t_mu))
+        noise_rows.append(torch.randn(T, P, D, generator=gen, device=device))
     return FlowDraws(torch.cat(t_rows), torch.cat(noise_rows), torch.cat(keep_rows))
 
 

@@ -302,7 +302,9 @@ class VoxCPMModel(MegatronModule):
         B, T, P, D = feats.shape
         loss_mask = batch["loss_mask"].reshape(-1)
         if draws is None:
-            draws = draw_flow_noise(batch["row_seeds"], T, P, D, cfg.flow.cfg_rate, cfg.flow.t_mu, cfg.flow.t_sigma)
+            draws = draw_flow_noise(
+                batch["row_seeds"], T, P, D, cfg.flow.cfg_rate, cfg.flow.t_mu, cfg.flow.t_sigma, device=feats.device
+            )
         lm_hidden = shift_right(lm_out, segment_ids).reshape(B * T, -1)
         res_hidden = shift_right(res_out, segment_ids).reshape(B * T, -1)
         cond = shift_right(feats, segment_ids).reshape(B * T, P, D)
