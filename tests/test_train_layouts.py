@@ -16,13 +16,21 @@ def test_resume_across_layouts(tmp_path, demo_latents):
     run_train(saved, demo_latents, *ARGS, "parallel.pp=2", nproc=2)
     want = {r["step"]: r for r in metrics(saved)}
     ckpt = saved / "checkpoints" / "step_0000003"
-    for name, layout, nproc in (("single", (), 1), ("tp2", ("parallel.tp=2",), 2)):
+    for name, layout, nproc in (("single", (), 1), ("tp2", ("parallel.tp=2", "logging.sample_at_end=true"), 2)):
         run = tmp_path / name
         out = run_train(run, demo_latents, *ARGS, *layout, f"checkpoint.load={ckpt}", nproc=nproc)
         assert "resume: loaded" in out.stdout + out.stderr
         if name == "tp2":   # only TP rank 0 built and iterated a training loader; rank 1 got broadcasts
             assert "data: training loaders built on ranks [0] of 2; micro-batches read per rank [6, 0]" \
                 in out.stdout + out.stderr
+            # both TP ranks ran the sampler in lockstep; TP rank 0 alone wrote the 48 kHz sample
+            import numpy as np
+            import soundfile as sf
+
+            wavs = sorted((run / "samples").glob("*.wav"))
+            assert [w.name for w in wavs] == ["step_0000006_0.wav"], wavs
+            audio, sr = sf.read(wavs[0])
+            assert sr == 48000 and audio.size > 0 and np.isfinite(audio).all()
         got = metrics(run)
         assert [r["step"] for r in got] == [4, 5, 6]
         for r in got:

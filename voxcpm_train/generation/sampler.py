@@ -1,4 +1,5 @@
-"""Autoregressive VoxCPM sampler on `VoxCPMModel` (one process holding every stage: tp = pp = 1).
+"""Autoregressive VoxCPM sampler on `VoxCPMModel` (every stage in one process: pp = 1; at tp > 1 all TP
+ranks run it in lockstep with the same seed).
 
 Per generated patch: TSLM and RALM run over the sequence so far (no KV cache: samples during training are
 short), the LocDiT solves the flow ODE from t=1 (noise) to t=0 with an Euler solver on a sway-sampled
@@ -74,7 +75,7 @@ def generate_latents(model, text_ids: List[int], gen: GenerationConfig,
     from voxcpm_train.model.voxcpm import segment_attention_mask
 
     if not (model.pre_process and model.post_process):
-        raise ValueError("generation needs the whole model on one process (tp = pp = 1)")
+        raise ValueError("generation needs every pipeline stage in one process (pp = 1)")
     cfg = model.model_config
     dtype = model.config.params_dtype
     device = next(model.parameters()).device

@@ -107,24 +107,32 @@ def mel_png(wav: torch.Tensor, sr: int, out: Path, title: str) -> Path:
 
 
 def generate_samples(trainer) -> list:
-    """Rank 0 generates `logging.sample_texts` into run.dir/samples/step_<n>_<i>.wav (+ mel PNG, wandb)."""
+    """Generate `logging.sample_texts` into run.dir/samples/step_<n>_<i>.wav (+ mel PNG, wandb).
+
+    The ranks of data-parallel group 0 run the sampler in lockstep (their TP collectives need every TP
+    rank; all draw the same noise), TP rank 0 decodes and writes. Needs pp = 1 (the sampler runs the
+    whole model in one process per TP rank)."""
+    from megatron.core import parallel_state
+
     job = trainer.job
-    if job.parallel.tp > 1 or job.parallel.pp > 1:
+    if job.parallel.pp > 1:
         if not getattr(trainer, "_warned_samples", False):
-            log.warning("audio samples need tp = pp = 1 (the whole model on one rank): skipped; export the "
+            log.warning("audio samples need pp = 1 (the whole model in each process): skipped; export the "
                         "checkpoint (voxcpm-export) and generate with voxcpm instead")
             trainer._warned_samples = True
         return []
     written = []
-    if trainer.env.rank == 0:
+    if parallel_state.get_data_parallel_rank() == 0:
+        write = parallel_state.get_tensor_model_parallel_rank() == 0
         written = write_samples(job, trainer.model_chunks[0], trainer.run_dir / "samples", trainer.step,
-                                trainer.metrics)
+                                trainer.metrics if write else None, write=write)
     dist.barrier()
     return written
 
 
 @torch.no_grad()
-def write_samples(job, model_chunk, out_dir: Path, step: int, metrics=None) -> list:
+def write_samples(job, model_chunk, out_dir: Path, step: int, metrics=None, write: bool = True) -> list:
+    """Sample every text; with `write=False` only take part in the generation (a TP peer)."""
     import soundfile as sf
 
     from data_pipeline.tokenizer import TextTokenizer
@@ -134,10 +142,11 @@ def write_samples(job, model_chunk, out_dir: Path, step: int, metrics=None) -> l
     model = unwrap_model(model_chunk)
     was_training = model.training
     model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
     tok = TextTokenizer(job.data.tokenizer_path)
-    vae = load_vae_decoder(job)
-    sr = vae.config.out_sample_rate
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        vae = load_vae_decoder(job)
+        sr = vae.config.out_sample_rate
     gen = GenerationConfig(max_patches=job.logging.sample_max_patches, timesteps=job.logging.sample_timesteps,
                            cfg_value=job.logging.sample_cfg, seed=job.train.seed)
     written = []
@@ -145,7 +154,7 @@ def write_samples(job, model_chunk, out_dir: Path, step: int, metrics=None) -> l
         for i, text in enumerate(job.logging.sample_texts):
             ids = tok(text)
             latents = generate_latents(model, ids, gen)                         # [frames, 64]
-            if latents.shape[0] == 0:
+            if latents.shape[0] == 0 or not write:
                 continue
             wav = vae.decode(latents.t().unsqueeze(0).float(), sr)[0, 0].clamp(-1, 1)
             if not torch.isfinite(wav).all():
