@@ -63,7 +63,7 @@ def test_lr_mult_param_groups(megatron_single):
 
     job = _compose("+optim.lr_mult={feat_decoder: 2.0}", "train.max_steps=20", "stage.lr_warmup_steps=4")
     start = StageStart("pretrain", 0, 0)
-    chunks, opt, _ = build_model_and_optimizer(job, current_platform(), start)
+    chunks, opt = build_model_and_optimizer(job, current_platform())
     sched = build_scheduler(opt, job, start)
     sched.step(increment=2 * job.parallel.global_batch_size)       # half way through the warmup
     from voxcpm_train.parallel.optim import inner_optimizers

@@ -7,7 +7,10 @@ import random
 import torch
 import torch.distributed as dist
 
-__all__ = ["initialize_model_parallel", "destroy_model_parallel", "seed_everything", "pp_stage_flags"]
+__all__ = [
+    "initialize_model_parallel", "destroy_model_parallel", "seed_everything", "pp_stage_flags",
+    "comm_device", "any_rank", "all_ranks",
+]
 
 
 def initialize_model_parallel(
@@ -62,3 +65,28 @@ def pp_stage_flags() -> tuple[bool, bool]:
         parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     )
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: CPU for gloo, the current accelerator for NCCL/HCCL."""
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+
+
+def _flag_reduce(flag: bool, op, group=None) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    dist.all_reduce(t, op=op, group=group)
+    return t.item() > 0.0
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when `flag` is true on at least one rank of `group` (default: all)."""
+    return _flag_reduce(flag, dist.ReduceOp.MAX, group)
+
+
+def all_ranks(flag: bool, group=None) -> bool:
+    """True on every rank when `flag` is true on every rank of `group` (default: all)."""
+    return _flag_reduce(flag, dist.ReduceOp.MIN, group)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .optim import inner_optimizers
+from .state import any_rank, comm_device
 
 __all__ = ["StepResult", "train_step"]
 
@@ -56,14 +57,13 @@ def _reduce_logs(records: list[dict]) -> dict | None:
     summed = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         keys = sorted(records[0]) if records else [_LOSS_SUM, _NUM_TOKENS]
-        vec = torch.zeros(len(keys), dtype=torch.float64)
+        # summed where the records live (one host copy per step, not one per key and micro-batch)
+        vec = torch.zeros(len(keys), dtype=torch.float64, device=comm_device())
         for r in records:
-            vec += torch.stack([r[k].reshape(()).cpu() for k in keys])
+            vec += torch.stack([r[k].reshape(()).to(vec) for k in keys])
         dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         if dist.get_world_size(dp_group) > 1:
-            dev_vec = vec.to(_comm_device())
-            dist.all_reduce(dev_vec, group=dp_group)
-            vec = dev_vec.cpu()
+            dist.all_reduce(vec, group=dp_group)
         summed = dict(zip(keys, vec.tolist()))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         obj = [summed]
@@ -73,14 +73,6 @@ def _reduce_logs(records: list[dict]) -> dict | None:
         )
         summed = obj[0]
     return summed
-
-
-def _comm_device() -> torch.device:
-    backend = dist.get_backend()
-    if backend == "gloo":
-        return torch.device("cpu")
-    return torch.device(torch.accelerator.current_accelerator().type,
-                        torch.accelerator.current_device_index())
 
 
 def train_step(
@@ -130,9 +122,7 @@ def train_step(
     grad_norm = optimizer.get_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
     bad = found_inf or not math.isfinite(loss) or not math.isfinite(grad_norm)
-    flag = torch.tensor([1.0 if bad else 0.0], device=_comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    skipped = bool(flag.item() > 0)
+    skipped = any_rank(bad)
 
     if not skipped:
         for opt in inner_optimizers(optimizer):

@@ -21,7 +21,7 @@ def write_run_assets(job, run_dir: Path) -> Path:
     if job.checkpoint.load and (Path(job.checkpoint.load) / ASSETS).is_dir():
         shutil.copytree(Path(job.checkpoint.load) / ASSETS, dst, symlinks=False)
         return dst
-    from data_pipeline.audio_vae import AudioVAEConfig, load_audio_vae
+    from data_pipeline.audio_vae import AudioVAEConfig
     from safetensors.torch import save_file
 
     from voxcpm_train.convert.folder import export_reference_config
@@ -34,9 +34,9 @@ def write_run_assets(job, run_dir: Path) -> Path:
     if enc.vae_path:
         shutil.copyfile(enc.vae_path, tmp / "audiovae.safetensors")
     else:  # the seeded random init the latents were encoded with (demo)
-        from voxcpm_train.training.evaluate import vae_seed
+        from voxcpm_train.training.evaluate import load_vae_decoder
 
-        vae, _ = load_audio_vae(None, vae_cfg, with_decoder=True, seed=vae_seed(job))
+        vae = load_vae_decoder(job)
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp / "audiovae.safetensors"))
     config = export_reference_config(job.model, {"audio_vae_config": vae_cfg.to_dict()}, dtype="float32")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))

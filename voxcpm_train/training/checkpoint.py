@@ -35,6 +35,8 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
+from voxcpm_train.parallel.state import all_ranks
+
 MARKER = "COMPLETE"
 LATEST = "latest"
 ASYNC_OK = ".async_ok"          # temp-dir folder: one file per rank whose async writer finished
@@ -100,18 +102,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _all_ranks_true(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    import torch
-
-    from voxcpm_train.training.build import comm_device
-
-    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.item() > 0.0
 
 
 def _writer_then_mark(async_fn, ok_file: Path):
@@ -211,7 +201,7 @@ class CheckpointManager:
         scheduled = time.time()
 
         def check_and_commit():
-            if not _all_ranks_true(ok.is_file() or not expect_ok):
+            if not all_ranks(ok.is_file() or not expect_ok):
                 raise RuntimeError(f"async checkpoint of step {step}: a rank's writer did not finish; "
                                    f"{tmp} stays incomplete (never loaded, deleted on the next start)")
             _barrier()

@@ -20,7 +20,6 @@ saved scheduler state is loaded with `override_opt_param_scheduler=True`: the co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from voxcpm_train.config.model import ConfigError
 
@@ -36,6 +35,13 @@ class StageStart:
 
 def stage_global_batch(cfg) -> int:
     return int(cfg.parallel.global_batch_size) * int(cfg.stage.global_batch_mult)
+
+
+def stage_lrs(cfg) -> tuple[float, float]:
+    """(max_lr, min_lr) of the configured stage: `stage.max_lr`/`stage.min_lr` override `optim.lr`/`optim.min_lr`."""
+    max_lr = cfg.optim.lr if cfg.stage.max_lr is None else cfg.stage.max_lr
+    min_lr = cfg.optim.min_lr if cfg.stage.min_lr is None else cfg.stage.min_lr
+    return float(max_lr), float(min_lr)
 
 
 def scheduler_kwargs(cfg, start: StageStart) -> dict:
@@ -56,8 +62,7 @@ def scheduler_kwargs(cfg, start: StageStart) -> dict:
     decay_steps = steps if stage.decay_steps == -1 else int(stage.decay_steps)
     if not 0 <= decay_steps <= steps:
         raise ConfigError(f"stage.decay_steps={stage.decay_steps} exceeds the stage's {steps} steps")
-    max_lr = optim.lr if stage.max_lr is None else stage.max_lr
-    min_lr = optim.min_lr if stage.min_lr is None else stage.min_lr
+    max_lr, min_lr = stage_lrs(cfg)
     if not 0.0 <= min_lr <= max_lr:
         raise ConfigError(f"stage.min_lr/optim.min_lr={min_lr} must lie in [0, max_lr={max_lr}]")
     if not 0.0 <= optim.init_lr <= max_lr:
@@ -86,11 +91,8 @@ def scheduler_kwargs(cfg, start: StageStart) -> dict:
     )
 
 
-def build_scheduler(optimizer, cfg, start: StageStart, saved_state: Optional[dict] = None):
-    """Megatron `OptimizerParamScheduler` of the stage; `saved_state` = the checkpoint's scheduler state."""
+def build_scheduler(optimizer, cfg, start: StageStart):
+    """Megatron `OptimizerParamScheduler` of the stage (a checkpoint load then overrides only num_steps)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    sched = OptimizerParamScheduler(optimizer, **scheduler_kwargs(cfg, start))
-    if saved_state is not None:
-        sched.load_state_dict(saved_state)  # override=True: config values win, num_steps is kept
-    return sched
+    return OptimizerParamScheduler(optimizer, **scheduler_kwargs(cfg, start))

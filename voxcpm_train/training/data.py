@@ -110,7 +110,7 @@ def _tp_context():
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized():
-            from voxcpm_train.training.build import comm_device
+            from voxcpm_train.parallel.state import comm_device
 
             return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
                     ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(), comm_device())

@@ -50,7 +50,7 @@ def validation_loss(trainer) -> dict | None:
         for chunk in trainer.model_chunks:
             chunk.train()
     # sum over DP (last stage holds the numbers), then share from the last PP stage
-    from voxcpm_train.training.build import comm_device
+    from voxcpm_train.parallel.state import comm_device
 
     sums = sums.to(comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from voxcpm_train.config.model import ConfigError
 from voxcpm_train.training import checkpoint as ckio
 from voxcpm_train.training.assets import link_assets, write_run_assets
-from voxcpm_train.training.build import comm_device
+from voxcpm_train.parallel.state import any_rank, comm_device
 from voxcpm_train.training.curriculum import StageStart, build_scheduler, stage_global_batch
 from voxcpm_train.training.metrics import MetricsLogger, plot_loss_curve
 from voxcpm_train.training.signals import StopSignal
@@ -29,12 +29,6 @@ def _setup_logging(rank: int) -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _any_true(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0.0
 
 
 class Trainer:
@@ -65,11 +59,9 @@ class Trainer:
         initialize_model_parallel(p.tp, p.pp, seed=job.train.seed)
         self.ps = ps
         self.dp_rank = ps.get_data_parallel_rank()
-        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
 
         self.run_dir = Path(job.run.dir)
         self.ckpt = ckio.CheckpointManager(self.run_dir / "checkpoints", job.checkpoint.keep_last)
-        self.save_blocked_s: list = []      # seconds the loop waited in each save() (sync: the whole write)
         if self.env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -122,7 +114,7 @@ class Trainer:
         from voxcpm_train.parallel.checkpoint import load_checkpoint
         from voxcpm_train.training.build import build_model_and_optimizer
 
-        self.model_chunks, self.optimizer, self.opt_config = build_model_and_optimizer(job, self.platform, self.start)
+        self.model_chunks, self.optimizer = build_model_and_optimizer(job, self.platform)
         # the scheduler exists before the load: megatron's load_state_dict with override=True keeps the
         # configured stage values and takes only the consumed samples (num_steps) from the checkpoint
         self.scheduler = build_scheduler(self.optimizer, job, self.start)
@@ -131,8 +123,8 @@ class Trainer:
                      "state (fully_reshardable format) synchronously when a save starts; only the file write "
                      "overlaps training (docs/launch.md)")
         if weights_only:
-            load_checkpoint(resume_dir, self.model_chunks, optimizer=None, load_rng=False)
-            self.optimizer.reload_model_params()        # fp32 main params <- the loaded weights
+            # weights only; fp32 main params re-derived from them (fresh optimizer state)
+            load_checkpoint(resume_dir, self.model_chunks, self.optimizer, load_optimizer=False, load_rng=False)
             log.info(f"initial weights from {resume_dir} (fresh optimizer, scheduler and data)")
         elif resume_dir is not None:
             res = load_checkpoint(resume_dir, self.model_chunks, self.optimizer, self.scheduler)
@@ -203,13 +195,11 @@ class Trainer:
         if async_save:
             tmp = self.ckpt.save_async(self.step, write)
             blocked = time.time() - t0
-            self.save_blocked_s.append(blocked)
             log.info(f"checkpoint ({reason}) step {self.step} -> {tmp} scheduled (async) in {blocked:.2f}s "
                      f"(+{t0 - t_wait:.2f}s waiting for the previous one)")
             return tmp
         final = self.ckpt.save(self.step, write)
         blocked = time.time() - t0
-        self.save_blocked_s.append(blocked)
         log.info(f"checkpoint ({reason}) step {self.step} -> {final} in {blocked:.2f}s")
         return final
 
@@ -285,7 +275,7 @@ class Trainer:
             if job.checkpoint.every and self.step % job.checkpoint.every == 0:
                 self.save("periodic")
                 last_saved = self.step
-            if _any_true(stopper.received is not None):
+            if any_rank(stopper.received is not None):
                 log.warning(f"received {stopper.name}: checkpointing at step {self.step} and exiting")
                 if last_saved != self.step:
                     self.save(f"signal {stopper.name}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -27,8 +26,6 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.val_path = Path(run_dir) / "val_metrics.jsonl"
         self.wandb = None
-        self.t0 = time.time()
-        self.resume_step = resume_step
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

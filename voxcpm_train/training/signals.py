@@ -10,10 +10,9 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
-        self._previous = {}
         for sig in self.SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._handler)
+                signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
                 pass
 
@@ -26,7 +25,3 @@ class StopSignal:
 
     def reset(self) -> None:
         self.received = None
-
-    def restore(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
