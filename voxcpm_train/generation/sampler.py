@@ -72,8 +72,6 @@ def generate_latents(model, text_ids: List[int], gen: GenerationConfig,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Latent frames [n_patches * P, D] for `text_ids` (without the 101 marker) from an unwrapped
     `VoxCPMModel` holding all stages."""
-    from voxcpm_train.model.voxcpm import segment_attention_mask
-
     if not (model.pre_process and model.post_process):
         raise ValueError("generation needs every pipeline stage in one process (pp = 1)")
     cfg = model.model_config
@@ -98,10 +96,8 @@ def generate_latents(model, text_ids: List[int], gen: GenerationConfig,
         audio_mask = torch.zeros(1, L, 1, dtype=dtype, device=device)
         audio_mask[:, n_text:] = 1
         pos = torch.arange(L, device=device).unsqueeze(0)
-        seg = torch.ones(1, L, dtype=torch.long, device=device)
-        mask = segment_attention_mask(seg, causal=True)
         freqs = model.rope(pos)
-        h = model.base_lm(x.transpose(0, 1), attention_mask=mask, rotary_pos_emb=freqs)   # [L, 1, H]
+        h = model.base_lm(x.transpose(0, 1), attention_mask=None, rotary_pos_emb=freqs)   # [L, 1, H]
         am = audio_mask.transpose(0, 1)
         h_fsq = model.fsq_layer(h) * am + h * (1 - am)
         side = torch.zeros_like(h)
@@ -112,7 +108,7 @@ def generate_latents(model, text_ids: List[int], gen: GenerationConfig,
         else:
             r_in = h_fsq + side * am
         res_freqs = None if cfg.residual_lm_no_rope else freqs
-        r = model.residual_lm(r_in, attention_mask=mask, rotary_pos_emb=res_freqs)
+        r = model.residual_lm(r_in, attention_mask=None, rotary_pos_emb=res_freqs)
         lm_hidden, res_hidden = h_fsq[-1], r[-1]                 # [1, H]
         mu_lm, mu_res = model.lm_to_dit_proj(lm_hidden), model.res_to_dit_proj(res_hidden)
         mu = torch.stack([mu_lm, mu_res], 1) if v2 else (mu_lm + mu_res).unsqueeze(1)

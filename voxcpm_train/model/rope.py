@@ -18,8 +18,8 @@ from voxcpm_train.config.model import RopeConfig, rope_factors, rope_scaling_fac
 class LongRoPE(torch.nn.Module):
     """`forward(position_ids [B, T] int) -> cos_sin [2, T, B, 1, head_dim]` (fp32).
 
-    No buffers: the frequencies are rebuilt on the positions' device at each call (a few hundred
-    flops), so meta-device builds and device moves need no care.
+    The per-dimension frequencies are non-persistent buffers (built once, moved with the module, never
+    in a checkpoint); only the positions' outer product is computed per call.
     """
 
     def __init__(self, head_dim: int, rope: RopeConfig):
@@ -27,17 +27,15 @@ class LongRoPE(torch.nn.Module):
         factors = rope_factors(rope) or [1.0] * (head_dim // 2)
         if len(factors) != head_dim // 2:
             raise ValueError(f"model.rope: {len(factors)} factors for head dim {head_dim}")
-        self.head_dim = head_dim
-        self.theta = float(rope.theta)
-        self.factors = [float(f) for f in factors]
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / (float(rope.theta) ** exponents), persistent=False)
+        self.register_buffer(
+            "inv_factors", 1.0 / torch.tensor([float(f) for f in factors], dtype=torch.float32), persistent=False
+        )
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        device = position_ids.device
-        pos = position_ids.to(torch.float32)
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponents)
-        inv_factors = 1.0 / torch.tensor(self.factors, dtype=torch.float32, device=device)
-        freqs = (pos.unsqueeze(-1) * inv_factors) * inv_freq  # [B, T, head_dim / 2]
+        pos = position_ids.to(device=self.inv_freq.device, dtype=torch.float32)
+        freqs = (pos.unsqueeze(-1) * self.inv_factors) * self.inv_freq  # [B, T, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1).transpose(0, 1).unsqueeze(2)  # [T, B, 1, d], rotate-half layout
         return torch.stack((emb.cos(), emb.sin()))
 
