@@ -21,7 +21,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-ATTENTION_BACKENDS = ("sdpa", "te", "npu")
+from voxcpm_train.config.model import ATTENTION_BACKENDS  # "auto" + the backends below
 
 
 class _CoreAttentionBase(MegatronModule):
@@ -108,7 +108,7 @@ def resolve_attention_backend(name: str) -> str:
     """`auto` -> te on CUDA with Transformer Engine installed, npu on Ascend, else sdpa."""
     if name != "auto":
         if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"model.attention_backend={name!r} is not one of auto, {', '.join(ATTENTION_BACKENDS)}")
+            raise ValueError(f"model.attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")
         return name
     try:
         from voxcpm_train.platform import current_platform
