@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.audio import decode_audio
 from data_pipeline.encode import EncodeOptions, LatentEncoder
-from data_pipeline.readers import iter_inputs
+from data_pipeline.encode import iter_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 def load_corpus(tokenizer_path: Path, corpus: Path):
     """(text ids, 16 kHz float32 audio) of every utterance of the demo corpus."""
     from data_pipeline.audio import decode_audio
-    from data_pipeline.readers import iter_inputs
+    from data_pipeline.encode import iter_inputs
     from data_pipeline.tokenizer import TextTokenizer
 
     tok = TextTokenizer(tokenizer_path)
@@ -43,7 +43,7 @@ def load_corpus(tokenizer_path: Path, corpus: Path):
     for s in iter_inputs([str(corpus)]):
         if isinstance(s, Exception):
             continue
-        audio = decode_audio(s.audio, s.key, 16000) if not isinstance(s.audio, str) else decode_audio(s.audio, s.key)
+        audio = decode_audio(s.audio, s.key)
         items.append((tok(s.meta["text"]), audio))
     return items
 

@@ -93,6 +93,12 @@ def plan_units(inputs: list[str], samples_per_shard: int) -> list[Unit]:
     return units
 
 
+def iter_inputs(inputs: list[str]) -> Iterator[RawSample | BadSample]:
+    """Every sample of the inputs, in the order `encode` reads them (bad ones as `BadSample`)."""
+    for unit in plan_units(inputs, samples_per_shard=1 << 30):
+        yield from unit.samples()
+
+
 def shard_key(key: str) -> str:
     """Sample key inside its shard: the id after the source prefix, no '/' or '.' (webdataset keys)."""
     local = key.split("/", 1)[1] if "/" in key else key

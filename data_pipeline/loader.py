@@ -1,6 +1,6 @@
 """The training loader: data-parallel aware, multi-worker, deterministic, exactly resumable.
 
-    loader = build_train_loader(cfg, dp_rank, dp_size)      # None on ranks that read no data
+    loader = VoxCPMDataLoader(cfg, dp_rank, dp_size)         # on the ranks that read (TP rank 0)
     batch = next(loader)                                     # micro-batch dict (docs/architecture.md)
     ckpt["data"] = loader.state_dict()                       # JSON-serialisable
     loader.load_state_dict(ckpt["data"])                     # in a fresh process: same next batches
@@ -26,12 +26,6 @@ from .sequences import build_sequence
 from .tokenizer import TextTokenizer
 
 STATE_VERSION = 1
-
-
-def rank_reads_data(tp_rank: int, pp_rank: int, pp_size: int) -> bool:
-    """Who opens the loader: TP rank 0 of the first and last pipeline stages (it broadcasts the batch to
-    its TP group); middle pipeline stages read nothing."""
-    return tp_rank == 0 and pp_rank in (0, pp_size - 1)
 
 
 class MicroBatchAssembler(Dataset):
@@ -210,11 +204,3 @@ class VoxCPMDataLoader:
         self.weights = list(weights)
         self.planner = BatchPlanner(self.datasets, self.weights, self._layouts, self.cfg, self.tokenizer)
         self.load_state_dict(state)
-
-
-def build_train_loader(cfg: DataConfig, dp_rank: int, dp_size: int, tp_rank: int = 0, pp_rank: int = 0,
-                       pp_size: int = 1) -> VoxCPMDataLoader | None:
-    """The loader of this rank, or None where the rank reads no data (see `rank_reads_data`)."""
-    if not rank_reads_data(tp_rank, pp_rank, pp_size):
-        return None
-    return VoxCPMDataLoader(cfg, dp_rank, dp_size)

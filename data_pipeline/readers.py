@@ -1,6 +1,6 @@
 """Readers of raw corpora. Each yields `RawSample`s (audio still encoded) or `BadSample`s (to be counted).
 
-Supported inputs (auto-detected by `iter_inputs`):
+Supported inputs (auto-detected by `encode.plan_units` / `encode.iter_inputs`):
 - Emilia-style webdataset tars: `<key>.<mp3|wav|flac|ogg>` + `<key>.json` {id, text, duration, speaker,
   language, dnsmos, ...}; extra fields are kept in `meta`.
 - The official fine-tuner's JSONL manifest: one object per line {audio, text, [ref_audio], [duration],
@@ -170,25 +170,3 @@ def iter_audio_folder(path: str | Path) -> Iterator[RawSample | BadSample]:
             yield RawSample(key, str(audio[0]), normalize_meta(raw, key))
         except BadSample as e:
             yield e
-
-
-def iter_inputs(paths: list[str]) -> Iterator[RawSample | BadSample]:
-    """Every sample of every input, in a deterministic order: tars, manifests (.jsonl) or folders.
-
-    A folder holding `*.tar` files is read as a set of tar shards, otherwise as an audio folder.
-    """
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            tars = sorted(p.glob("*.tar"))
-            if tars:
-                for t in tars:
-                    yield from iter_emilia_tar(t)
-            else:
-                yield from iter_audio_folder(p)
-        elif p.suffix in (".tar", ".tgz") or p.name.endswith(".tar.gz"):
-            yield from iter_emilia_tar(p)
-        elif p.suffix in (".jsonl", ".json"):
-            yield from iter_jsonl_manifest(p)
-        else:
-            raise FileNotFoundError(f"input {p}: expected a .tar, a .jsonl manifest or a folder")

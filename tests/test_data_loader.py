@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from data_pipeline.config import DataConfig, DatasetConfig
 from data_pipeline.encode import EncodeOptions, run_encode
-from data_pipeline.loader import VoxCPMDataLoader, build_train_loader, rank_reads_data
+from data_pipeline.loader import VoxCPMDataLoader
 from data_pipeline.packing import row_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,9 +183,3 @@ def test_bucketed_unpacked_batches(latents):
         B, T = b["text_tokens"].shape
         assert B * T <= 1024 and T % 8 == 0 and b["segment_ids"].max() == 1
 
-
-def test_only_data_ranks_read(latents):
-    assert rank_reads_data(0, 0, 1) and rank_reads_data(0, 3, 4) and not rank_reads_data(1, 0, 1)
-    assert not rank_reads_data(0, 1, 4)
-    assert build_train_loader(_cfg(latents), 0, 1, tp_rank=1) is None
-    assert build_train_loader(_cfg(latents), 0, 1, pp_rank=1, pp_size=3) is None

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from test_train_utils import REPO, _env, demo_latents, metrics, run_train  # noqa: F401
+from test_model_parity import replay_reference_draws
 
 STAGE_ENDS = {"pretrain": 8, "joint": 12, "anneal": 16}
 WARMUP = 5
@@ -97,21 +98,6 @@ def test_own_sampler_wav(curriculum_run):
     assert (curriculum_run / "loss_curve.png").stat().st_size > 0
 
 
-def _replay_reference_draws(seed, n, patch, dim, cfg_rate=0.1, t_mu=-0.4, t_sigma=1.0):
-    """The random numbers the reference's UnifiedCFM.compute_loss draws, in its order."""
-    from voxcpm_train.model.losses import FlowDraws
-
-    torch.manual_seed(seed)
-    keep = (torch.rand(n) > cfg_rate).float()      # CFG dropout
-    torch.rand(n)                                  # noisy-condition mask
-    torch.randn(n, dim, patch)                     # noisy-condition noise
-    torch.randn(n)                                 # s_r
-    t = torch.sigmoid(torch.randn(n) * t_sigma + t_mu)
-    torch.rand(n)                                  # r != t mask
-    z = torch.randn(n, dim, patch)
-    return FlowDraws(t=t, noise=z.transpose(1, 2).contiguous(), cfg_keep=keep)
-
-
 def _batch(latents):
     from data_pipeline.latent_dataset import LatentDataset
     from data_pipeline.sequences import build_sequence
@@ -178,7 +164,7 @@ def test_export_loads_in_voxcpm_and_matches(exported, demo_latents, megatron_sin
     with torch.no_grad():
         ref_out = ref(batch["text_tokens"], batch["text_mask"], batch["audio_feats"], batch["audio_mask"],
                       batch["loss_mask"], batch["position_ids"], batch["labels"])
-        out = ours(batch, draws=_replay_reference_draws(99, B * T, P, D))
+        out = ours(batch, draws=replay_reference_draws(99, B * T, P, D, 0.1, -0.4, 1.0))
     n = out["num_loss_positions"]
     assert float(out["diff_sum"] / n) == pytest.approx(float(ref_out["loss/diff"]), rel=1e-5)
     assert float(out["stop_sum"] / n) == pytest.approx(float(ref_out["loss/stop"]), rel=1e-5)

@@ -7,21 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -45,7 +39,7 @@ def demo_latents(tmp_path_factory) -> Path:
 def train_cmd(run_dir, latents, *overrides, nproc: int = 1) -> list:
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                    "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "voxcpm_train.train"]
+                    "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "voxcpm_train.train"]
     else:
         launcher = [sys.executable, "-m", "voxcpm_train.train"]
     return launcher + ["experiment=demo", f"run.dir={run_dir}", f"data.datasets.0.path={latents}",

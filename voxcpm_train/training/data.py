@@ -5,8 +5,7 @@ Who reads (megatron style): in each tensor-parallel group only TP rank 0 builds 
 sends every micro-batch to the other TP ranks over the TP group (`TPBatchBroadcast`). Every pipeline stage
 reads its own copy (each stage needs the masks, positions and segments of the micro-batch; a broadcast
 across stages would tie the stages of a 1F1B schedule together), so a (DP, PP) position reads once
-instead of TP times. (`data_pipeline.loader.rank_reads_data` leaves middle stages out, which suits models
-whose middle stages need no batch; VoxCPM's do.) The loader state counts global micro-batches, so it is
+instead of TP times. The loader state counts global micro-batches, so it is
 the same on every reader of a DP group; `state_dict()` hands the reader's to its TP group, so every rank
 returns the same state.
 """
