@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .optim import inner_optimizers
 from .state import any_rank, comm_device
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "eval_step"]
 
 _LOSS_SUM, _NUM_TOKENS = "_loss_sum", "_num_tokens"
 
@@ -141,3 +141,31 @@ def train_step(
         if scheduler is not None:
             scheduler.step(increment=increment)
     return StepResult(loss, int(round(num_tokens)), grad_norm, skipped, lr, logs)
+
+
+def eval_step(
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    model_chunks: list,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> tuple[float, float, dict]:
+    """Forward only over ``num_microbatches`` micro-batches (same ``forward_step_func`` contract as
+    :func:`train_step`): ``(loss, num_tokens, logs)`` summed over micro-batches and DP ranks, on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    records = get_forward_backward_func()(
+        forward_step_func=_wrap_forward_step(forward_step_func),
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    logs = _reduce_logs(records)
+    num_tokens = logs.pop(_NUM_TOKENS)
+    loss_sum = logs.pop(_LOSS_SUM)
+    return (loss_sum / num_tokens if num_tokens > 0 else float("nan")), num_tokens, logs

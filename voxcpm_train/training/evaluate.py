@@ -14,9 +14,7 @@ log = logging.getLogger("voxcpm_train")
 @torch.no_grad()
 def validation_loss(trainer) -> dict | None:
     """Loss of the fixed validation micro-batches (all ranks take part; returns the same dict on every rank)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    from voxcpm_train.parallel.step import eval_step
     from voxcpm_train.training.data import validation_batches
     from voxcpm_train.training.forward import make_forward_step
 
@@ -24,45 +22,18 @@ def validation_loss(trainer) -> dict | None:
     if getattr(trainer, "_val_batches", None) is None:
         trainer._val_batches = validation_batches(job, trainer.dp_rank, trainer.dp, job.logging.val_batches)
     batches = trainer._val_batches
-    forward_step = make_forward_step(job.model, trainer.platform.device)
-    sums = torch.zeros(3, dtype=torch.float64)
-
-    def fwd(data_iterator, model):
-        out, loss_func = forward_step(data_iterator, model)
-
-        def record(o):
-            loss_sum, n, logs = loss_func(o)
-            sums[0] += logs["diff_sum"].detach().double().cpu()
-            sums[1] += logs["stop_sum"].detach().double().cpu()
-            sums[2] += n.detach().double().cpu()
-            return loss_sum, n.round().int(), {}
-
-        return out, record
-
     for chunk in trainer.model_chunks:
         chunk.eval()
     try:
-        get_forward_backward_func()(
-            forward_step_func=fwd, data_iterator=iter(batches), model=trainer.model_chunks,
+        loss, n, logs = eval_step(
+            make_forward_step(job.model, trainer.platform.device), iter(batches), trainer.model_chunks,
             num_microbatches=len(batches), seq_length=2 * trainer.data.seq_length,
-            micro_batch_size=job.parallel.micro_batch_size, forward_only=True)
+            micro_batch_size=job.parallel.micro_batch_size)
     finally:
         for chunk in trainer.model_chunks:
             chunk.train()
-    # sum over DP (last stage holds the numbers), then share from the last PP stage
-    from voxcpm_train.parallel.state import comm_device
-
-    sums = sums.to(comm_device())
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    sums = sums.cpu()
-    n = max(sums[2].item(), 1.0)
-    lam_d, lam_s = job.model.lambda_diff, job.model.lambda_stop
-    diff, stop = sums[0].item() / n, sums[1].item() / n
-    return {"loss": lam_d * diff + lam_s * stop, "loss_diff": diff, "loss_stop": stop}
+    n = max(n, 1.0)
+    return {"loss": loss, "loss_diff": logs["diff_sum"] / n, "loss_stop": logs["stop_sum"] / n}
 
 
 def vae_seed(job) -> int:
