@@ -39,12 +39,11 @@ class DatasetConfig:
 
 @dataclass
 class EncodeConfig:
+    """The AudioVAE the latents were encoded with (training decodes its audio samples with it). The
+    encoding itself is set by the flags of `voxcpm-data encode`."""
+
     vae_config: str = "small"            # small | full
     vae_path: Optional[str] = None       # audiovae.safetensors; None -> seeded random init (recorded)
-    batch_seconds: float = 120.0
-    min_seconds: float = 0.5
-    max_seconds: float = 30.0
-    samples_per_shard: int = 2000
 
 
 @dataclass
