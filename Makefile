@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[test]'

@@ -2,10 +2,14 @@
 # Ascend 910B node(s): one process per NPU with torchrun (torch_npu + HCCL; MindSpeed-style CUDA->NPU
 # transfer is done by the platform layer). Extra arguments are Hydra overrides.
 #
-#   launch/ascend_910.sh experiment=voxcpm2_2b_pretrain parallel=ascend_2b run.dir=/ckpt/voxcpm2-2b
+#   launch/ascend_910.sh experiment=voxcpm2_2b parallel=ascend_2b run.dir=/ckpt/voxcpm2-2b
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/ascend_910.sh ...     # on every node
+# Runs the installed `voxcpm-train` (the repo's .venv when there is one, else PATH; VOXCPM_TRAIN overrides)
+# in the current directory.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VOXCPM_TRAIN="${VOXCPM_TRAIN:-$( [[ -x "${ROOT}/.venv/bin/voxcpm-train" ]] && echo "${ROOT}/.venv/bin/voxcpm-train" || command -v voxcpm-train || true)}"
+[[ -x "${VOXCPM_TRAIN}" ]] || { echo "voxcpm-train not found: install the project (README) or set VOXCPM_TRAIN" >&2; exit 1; }
 
 # CANN environment (default install path; override ASCEND_HOME)
 ASCEND_HOME="${ASCEND_HOME:-/usr/local/Ascend/ascend-toolkit}"
@@ -32,10 +36,9 @@ export COMBINED_ENABLE=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
-PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
 
 echo "ascend: ${NNODES} node(s) x ${NPROC} NPUs (${ASCEND_RT_VISIBLE_DEVICES}), node rank ${NODE_RANK}, master ${MASTER_ADDR}:${MASTER_PORT}"
-exec "${PYTHON}" -m torch.distributed.run \
+exec "$(dirname "${VOXCPM_TRAIN}")/torchrun" \
   --nnodes="${NNODES}" --node-rank="${NODE_RANK}" --nproc-per-node="${NPROC}" \
   --master-addr="${MASTER_ADDR}" --master-port="${MASTER_PORT}" \
-  -m voxcpm_train.train platform=npu "$@"
+  --no-python "${VOXCPM_TRAIN}" platform=npu "$@"

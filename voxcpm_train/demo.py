@@ -35,10 +35,16 @@ def _run(cmd: list, what: str, env=None) -> None:
     print(f"=== {what}: done in {time.time() - t0:.0f} s", flush=True)
 
 
+def entry_point(script: str, *module_args: str) -> list:
+    """The installed console script `script` (beside this Python), else `python -m <module_args>`."""
+    exe = Path(sys.executable).parent / script
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", *module_args]
+
+
 def encode_corpus(src: Path, out: Path, env) -> None:
     # `voxcpm-data encode` resumes: shards already complete are not redone, and a folder encoded with
     # other settings is refused with a message naming it.
-    _run([sys.executable, "-m", "data_pipeline.cli", "encode", str(src), "--output", str(out),
+    _run(entry_point("voxcpm-data", "data_pipeline.cli") + ["encode", str(src), "--output", str(out),
           "--config", "small", "--device", "cpu"], "encode the demo corpus (AudioVAE V2, small config)", env)
 
 
@@ -81,10 +87,10 @@ def main(argv=None) -> int:
 
     encode_corpus(Path(args.corpus), Path(args.latents), env)
 
-    launcher = [sys.executable, "-m", "voxcpm_train.train"]
+    launcher = train = entry_point("voxcpm-train", "voxcpm_train.train")
     if args.nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-                    "--master-port=29533", "-m", "voxcpm_train.train"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", "--master-port=29533"]
+        launcher = torchrun + (["--no-python"] + train if len(train) == 1 else train[1:])
     for stage, steps in zip(STAGES, args.steps):
         _run(launcher + ["experiment=demo", f"stage={stage}", f"train.max_steps={steps}", f"run.dir={run_dir}",
                          f"data.datasets.0.path={args.latents}"],
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     last = ckpt_root / (ckpt_root / "latest").read_text().strip()
     export = run_dir / "export"
     shutil.rmtree(export, ignore_errors=True)
-    _run([sys.executable, "-m", "voxcpm_train.convert.cli", "export", str(last), str(export)],
+    _run(entry_point("voxcpm-export", "voxcpm_train.convert.cli", "export") + [str(last), str(export)],
          "export the last checkpoint to a reference model folder", env)
 
     print("\n=== generate with the reference voxcpm package from the export")

@@ -1,7 +1,9 @@
 """`voxcpm-train`: the Hydra app. `voxcpm-train experiment=demo run.dir=runs/x train.max_steps=20`.
 
-Config tree: configs/ (groups model, data, parallel, optim, stage, platform, logging, checkpoint,
-experiment). Launch one process per device (torchrun / srun); see docs/launch.md.
+Config tree: the repository's configs/ (groups model, data, parallel, optim, stage, platform, logging,
+checkpoint, experiment), installed with the package as `voxcpm_train.configs` so the command works from
+any directory; add your own tree with `--config-dir DIR` (see docs/launch.md). Launch one process per
+device (torchrun / srun).
 """
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from voxcpm_train.config import register_configs
+from voxcpm_train.config import CONFIG_PACKAGE, register_configs
 
 register_configs()
 log = logging.getLogger("voxcpm_train")
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
+@hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     from voxcpm_train.config.job import validate_job_config
     from voxcpm_train.config.model import ConfigError

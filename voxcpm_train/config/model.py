@@ -367,7 +367,9 @@ def load_model_preset(name_or_path: str, overrides: Optional[List[str]] = None) 
 
     path = Path(name_or_path)
     if not path.suffix:
-        path = Path(__file__).resolve().parents[2] / "configs" / "model" / f"{name_or_path}.yaml"
+        from voxcpm_train.config import config_dir
+
+        path = Path(str(config_dir() / "model" / f"{name_or_path}.yaml"))
     if not path.is_file():
         raise ConfigError(f"model preset {name_or_path!r}: file {path} not found")
     raw = OmegaConf.load(path)
