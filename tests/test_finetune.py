@@ -6,11 +6,9 @@ preset (the model config comes from the checkpoint) with a held-out validation s
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_utils import REPO, _env, metrics
+from test_train_utils import REPO, _env, metrics, write_reference_folder
 
 CPU_SIZE = ["stage.lr_warmup_steps=0", "data.row_tokens=256", "data.num_workers=0", "data.window_samples=64",
             "parallel.micro_batch_size=2", "parallel.global_batch_size=4", "platform=cpu", "logging.wandb=false",
@@ -48,26 +46,6 @@ def write_manifest(root: Path, name: str, clips: slice) -> Path:
     return path
 
 
-def write_release_like_folder(path: Path, seed: int = 3) -> Path:
-    """A reference model folder shaped like a release: the tiny model (vocab 1280), the demo tokenizer and
-    an AudioVAE V2 of our `tiny` preset (what `voxcpm-data encode --config tiny` builds) with its own
-    initialisation (seeded), so that its latents depend on the audio."""
-    from safetensors.torch import save_file
-
-    from data_pipeline.audio_vae import AudioVAEConfig, load_audio_vae
-    from voxcpm_train.config.model import load_model_preset
-    from voxcpm_train.convert.tiny import write_random_reference_folder
-
-    cfg = dataclasses.replace(load_model_preset("tiny"), vocab_size=1280)
-    vae_cfg = AudioVAEConfig.preset("tiny")
-    write_random_reference_folder(path, cfg, audio_vae_config=vae_cfg.to_dict(), seed=seed)
-    vae, _ = load_audio_vae(None, vae_cfg, with_decoder=True, seed=100 + seed)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path / "audiovae.safetensors"))
-    for f in (REPO / "demo_data/tokenizer").iterdir():
-        shutil.copyfile(f, path / f.name)
-    return path
-
-
 def run_in(cwd: Path, *args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -85,7 +63,7 @@ def finetune_cmd(*overrides) -> list:
 def user(tmp_path_factory) -> Path:
     """A user's directory: Release/ (model folder), train/val manifests encoded with its VAE, its import."""
     root = tmp_path_factory.mktemp("user")
-    write_release_like_folder(root / "Release")
+    write_reference_folder(root / "Release", vae_config="tiny", vae_seed=103)
     write_manifest(root, "train", slice(0, 8))
     write_manifest(root, "val", slice(8, 11))
     for name in ("train", "val"):
@@ -149,7 +127,7 @@ def test_export_of_the_finetune_loads_in_voxcpm_with_readable_files(user, finetu
 
 
 def test_export_with_another_audiovae_is_refused(user, finetuned):
-    other = write_release_like_folder(user / "Other", seed=4)     # same shapes, other AudioVAE weights
+    other = write_reference_folder(user / "Other", vae_config="tiny", vae_seed=104)   # another AudioVAE
     ckpt = finetuned / "checkpoints" / (finetuned / "checkpoints/latest").read_text().strip()
     proc = run_in(user, "-m", "voxcpm_train.convert.cli", "export", ckpt, "exported/other", "--assets", other,
                   check=False)

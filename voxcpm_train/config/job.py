@@ -170,7 +170,7 @@ def resolve_paths(job, cwd) -> dict:
         if value is None or value == "":
             continue
         given[key] = str(value)
-        _set(owner, attr, str(Path(cwd, os.path.expanduser(str(value))).resolve()))
+        _set(owner, attr, os.path.abspath(os.path.join(cwd, os.path.expanduser(str(value)))))   # links kept
     return given
 
 
@@ -375,5 +375,5 @@ def build_job(cfg, cli_overrides: Sequence[str] = (), cwd=None, check_vae: bool 
     if check_vae:
         from voxcpm_train.training.vae_provenance import check_job_vae
 
-        check_job_vae(job)
+        check_job_vae(job, given)
     return job

@@ -110,21 +110,22 @@ def same_vae(a: dict, b: dict) -> Optional[bool]:
     return fa == fb
 
 
-def latents_vae(job) -> dict:
+def latents_vae(job, given: Optional[dict] = None) -> dict:
     """The identity recorded by every latent folder of the job (they must agree)."""
+    given = given or {}
     first_key = None
     ident = None
     for key, path in _dataset_paths(job):
         meta_path = Path(path) / "meta.json"
         if not meta_path.is_file():
-            raise ConfigError(f"{key}={path}: no meta.json (not a folder written by `voxcpm-data encode`)")
+            raise ConfigError(f"{key}={given.get(key, path)}: no meta.json (not a folder written by `voxcpm-data encode`)")
         vae = json.loads(meta_path.read_text()).get("vae")
         if not vae:
-            raise ConfigError(f"{key}={path}: meta.json records no AudioVAE (\"vae\"); re-encode it")
+            raise ConfigError(f"{key}={given.get(key, path)}: meta.json records no AudioVAE (\"vae\"); re-encode it")
         if ident is None:
             first_key, ident = key, vae
         elif not _same_recorded(ident, vae):
-            raise ConfigError(f"{key}={path} was encoded with {describe(vae)}, but {first_key} with "
+            raise ConfigError(f"{key}={given.get(key, path)} was encoded with {describe(vae)}, but {first_key} with "
                               f"{describe(ident)}: the latents of one run must come from one AudioVAE")
     return ident
 
@@ -160,20 +161,23 @@ def loud_warning(lines: list[str]) -> None:
     log.warning("\n".join([bar, *[f"!!  {l}" for l in lines], bar]))
 
 
-def check_job_vae(job) -> dict:
+def check_job_vae(job, given: Optional[dict] = None) -> dict:
     """Compare the latents' VAE with the samples' and the export's; raise `ConfigError` naming the key on
     a mismatch, warn loudly about random-init latents. Returns the latents' identity (recorded in every
-    checkpoint for `voxcpm-export`)."""
-    latents = latents_vae(job)
-    where = _dataset_paths(job)[0]
+    checkpoint for `voxcpm-export`). `given`: key -> the value as the user wrote it (for messages)."""
+    given = given or {}
+    latents = latents_vae(job, given)
+    key0, path0 = _dataset_paths(job)[0]
+    where = (key0, given.get(key0, path0))
     enc = job.data.encode
+    vae_path = given.get("data.encode.vae_path", enc.vae_path)
     samples = sample_vae(job, latents)
     if _norm(latents.get("config")) != _norm(samples["config"]):
         name = preset_name(latents.get("config") or {})
         hint = f"data.encode.vae_config={name}" if name else "a data.encode.vae_config preset that matches"
         raise ConfigError(f"data.encode.vae_config={enc.vae_config} but {where[0]}={where[1]} was encoded with "
                           f"{describe(latents)}: set {hint}")
-    for key, assets in _export_assets(job):
+    for key, assets in _export_assets(job, given):
         vae_file = assets / VAE_FILE
         if not vae_file.is_file():
             continue
@@ -188,14 +192,14 @@ def check_job_vae(job) -> dict:
         if enc.vae_path:
             fix = (f"data.encode.vae_path=null" if latents.get("weights") == RANDOM
                    else f"data.encode.vae_path={latents.get('weights')}")
-            raise ConfigError(f"data.encode.vae_path={enc.vae_path} (fingerprint {samples['fingerprint']}) is not "
+            raise ConfigError(f"data.encode.vae_path={vae_path} (fingerprint {samples['fingerprint']}) is not "
                               f"the AudioVAE {where[0]}={where[1]} was encoded with ({describe(latents)}): set "
                               f"{fix} (or re-encode)")
         raise ConfigError(f"data.encode.vae_path=null means {describe(samples)}, but {where[0]}={where[1]} was "
                           f"encoded with {describe(latents)}: set data.encode.vae_path={latents.get('weights')}")
     if same is None:
         log.warning(f"{where[0]}={where[1]} names the AudioVAE {latents.get('weights')}, which does not exist "
-                    f"here: cannot check that data.encode.vae_path={enc.vae_path} is the same VAE")
+                    f"here: cannot check that data.encode.vae_path={vae_path} is the same VAE")
     if latents.get("weights") == RANDOM and not enc.allow_random_init:
         loud_warning([
             f"{where[0]}={where[1]} holds latents of a RANDOM-INIT AudioVAE (seed {latents.get('seed', 0)}):",
@@ -207,14 +211,15 @@ def check_job_vae(job) -> dict:
     return latents
 
 
-def _export_assets(job) -> list[tuple[str, Path]]:
+def _export_assets(job, given: dict) -> list[tuple[str, Path]]:
     """Where the exported AudioVAE will come from: the run's hf_assets (resume) or checkpoint.load's."""
     out = []
     run_assets = Path(job.run.dir) / "hf_assets"
     if run_assets.is_dir():
-        out.append((f"run.dir={job.run.dir} (hf_assets)", run_assets))
+        out.append((f"run.dir={given.get('run.dir', job.run.dir)} (hf_assets)", run_assets))
     elif job.checkpoint.load and (Path(job.checkpoint.load) / "hf_assets").is_dir():
-        out.append((f"checkpoint.load={job.checkpoint.load}", Path(job.checkpoint.load) / "hf_assets"))
+        out.append((f"checkpoint.load={given.get('checkpoint.load', job.checkpoint.load)}",
+                    Path(job.checkpoint.load) / "hf_assets"))
     return out
 
 
