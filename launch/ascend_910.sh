@@ -5,7 +5,9 @@
 #   launch/ascend_910.sh experiment=voxcpm2_2b_pretrain parallel=ascend_2b run.dir=/ckpt/voxcpm2-2b
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/ascend_910.sh ...     # on every node
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# no cd: relative paths of the overrides resolve against the caller's directory (like voxcpm-train)
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 
 # CANN environment (default install path; override ASCEND_HOME)
 ASCEND_HOME="${ASCEND_HOME:-/usr/local/Ascend/ascend-toolkit}"
@@ -32,7 +34,7 @@ export COMBINED_ENABLE=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
-PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
+PYTHON="${PYTHON:-$( [[ -x "${REPO}/.venv/bin/python" ]] && echo "${REPO}/.venv/bin/python" || echo python3)}"
 
 echo "ascend: ${NNODES} node(s) x ${NPROC} NPUs (${ASCEND_RT_VISIBLE_DEVICES}), node rank ${NODE_RANK}, master ${MASTER_ADDR}:${MASTER_PORT}"
 exec "${PYTHON}" -m torch.distributed.run \

@@ -6,13 +6,15 @@
 #
 # Re-running the same command on the same run.dir resumes from its latest checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# no cd: relative paths of the overrides resolve against the caller's directory (like voxcpm-train)
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
   NPROC="$1"; shift
 fi
 NPROC="${NPROC:-$( (command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l) || echo 1)}"
-PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
+PYTHON="${PYTHON:-$( [[ -x "${REPO}/.venv/bin/python" ]] && echo "${REPO}/.venv/bin/python" || echo python3)}"
 MASTER_PORT="${MASTER_PORT:-$(( 29500 + RANDOM % 1000 ))}"
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
