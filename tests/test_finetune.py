@@ -116,7 +116,8 @@ def test_export_of_the_finetune_loads_in_voxcpm_with_readable_files(user, finetu
     out = user / "exported/ft"
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
     assert set(modes.values()) == {"0o644"}, modes                # safetensors alone writes 0600
-    vae, release_vae = load_file(str(out / "audiovae.safetensors")), load_file(str(user / "Release/audiovae.safetensors"))
+    vae = load_file(str(out / "audiovae.safetensors"))
+    release_vae = load_file(str(user / "Release/audiovae.safetensors"))
     assert set(vae) == set(release_vae) and all(torch.equal(vae[k], release_vae[k]) for k in vae)
     model = VoxCPM2Model.from_local(str(out), optimize=False, training=True, device="cpu")
     weights = load_file(str(out / "model.safetensors"))

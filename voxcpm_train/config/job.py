@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -297,7 +297,7 @@ def model_from_checkpoint(job, ckpt: Path, label: str, cli: Sequence[str]):
                 raise ConfigError(f"model={preset} sets {leaf}={want[leaf]} but {label} has {have.get(leaf)} "
                                   f"(the model config comes from the checkpoint: drop model={preset})")
     differ = [k for k in want if _is_weight_key(k) and want[k] != have.get(k)]
-    if differ:
+    if differ and os.environ.get("RANK", "0") == "0":
         log.info(f"model config from {label}; the composed model preset differs in {differ[:6]}"
                  f"{' ...' if len(differ) > 6 else ''} (not used)")
     node, composed = OmegaConf.structured(saved), OmegaConf.structured(job.model)
@@ -366,11 +366,11 @@ def build_job(cfg, cli_overrides: Sequence[str] = (), cwd=None, check_vae: bool 
     validate_job_config(job, check_model=False)
     resume = find_latest(Path(job.run.dir) / "checkpoints") if job.checkpoint.resume else None
     check_paths(job, given, resuming=resume is not None)
-    start = (resume, f"the resumed checkpoint {resume}") if resume else (
-        (Path(job.checkpoint.load), f"checkpoint.load={given.get('checkpoint.load')}") if job.checkpoint.load
-        else (None, None))
-    if start[0] is not None:
-        job.model = model_from_checkpoint(job, start[0], start[1], cli_overrides)
+    if resume is not None:              # the model config of the checkpoint training continues from
+        job.model = model_from_checkpoint(job, resume, f"the resumed checkpoint {resume}", cli_overrides)
+    elif job.checkpoint.load:
+        job.model = model_from_checkpoint(job, Path(job.checkpoint.load),
+                                          f"checkpoint.load={given['checkpoint.load']}", cli_overrides)
     validate_model_config(job.model, "model")
     if check_vae:
         from voxcpm_train.training.vae_provenance import check_job_vae

@@ -135,7 +135,8 @@ class Trainer:
 
         from voxcpm_train.training.vae_provenance import latents_vae
 
-        self.latents_vae = latents_vae(job)      # checked at start-up (config.job.build_job); recorded for export
+        # checked at start-up (config.job.build_job); recorded in every checkpoint for voxcpm-export's check
+        self.latents_vae = dict(latents_vae(job), allow_random_init=bool(job.data.encode.allow_random_init))
         self.data = build_data(job, self.dp_rank, self.dp)
         if state is not None and state.get("data") is not None:
             # the loader state counts global micro-batches: valid at any DP size; with another blend

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 from voxcpm_train.config.model import ConfigError
+from voxcpm_train.convert.folder import VAE_FILE
 
 log = logging.getLogger("voxcpm_train")
 
-RANDOM = "random_init"
-VAE_FILE = "audiovae.safetensors"
+RANDOM = "random_init"      # meta.json "weights" of a seeded random init (encode without --vae)
 
 
 def _dataset_paths(job) -> list[tuple[str, str]]:
@@ -118,7 +119,8 @@ def latents_vae(job, given: Optional[dict] = None) -> dict:
     for key, path in _dataset_paths(job):
         meta_path = Path(path) / "meta.json"
         if not meta_path.is_file():
-            raise ConfigError(f"{key}={given.get(key, path)}: no meta.json (not a folder written by `voxcpm-data encode`)")
+            raise ConfigError(f"{key}={given.get(key, path)}: no meta.json (not a folder written by "
+                              f"`voxcpm-data encode`)")
         vae = json.loads(meta_path.read_text()).get("vae")
         if not vae:
             raise ConfigError(f"{key}={given.get(key, path)}: meta.json records no AudioVAE (\"vae\"); re-encode it")
@@ -157,6 +159,9 @@ def sample_vae(job, latents: dict) -> dict:
 
 
 def loud_warning(lines: list[str]) -> None:
+    """A framed WARNING (once per job: the process of RANK 0; start-up runs before torch.distributed)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     bar = "!" * 100
     log.warning("\n".join([bar, *[f"!!  {l}" for l in lines], bar]))
 
@@ -197,7 +202,7 @@ def check_job_vae(job, given: Optional[dict] = None) -> dict:
                               f"{fix} (or re-encode)")
         raise ConfigError(f"data.encode.vae_path=null means {describe(samples)}, but {where[0]}={where[1]} was "
                           f"encoded with {describe(latents)}: set data.encode.vae_path={latents.get('weights')}")
-    if same is None:
+    if same is None and os.environ.get("RANK", "0") == "0":
         log.warning(f"{where[0]}={where[1]} names the AudioVAE {latents.get('weights')}, which does not exist "
                     f"here: cannot check that data.encode.vae_path={vae_path} is the same VAE")
     if latents.get("weights") == RANDOM and not enc.allow_random_init:
@@ -239,7 +244,7 @@ def check_export_vae(recorded: Optional[dict], assets_dir, src) -> None:
             f"{vae_file} (fingerprint {exported['fingerprint']}) is not the AudioVAE the training latents of "
             f"{src} were encoded with ({describe(recorded)}); the exported model would decode to noise. "
             f"Pass --assets with the folder holding that AudioVAE")
-    if recorded.get("weights") == RANDOM:
+    if recorded.get("weights") == RANDOM and not recorded.get("allow_random_init"):
         loud_warning([
             f"{src} was trained on latents of a RANDOM-INIT AudioVAE (seed {recorded.get('seed', 0)}):",
             "the export ships that random codec; it is only good for demos and tests.",
