@@ -251,6 +251,19 @@ class AudioVAEV2(nn.Module):
         return self.decoder(z, sr)
 
 
+def state_fingerprint(state: dict) -> str:
+    """sha256 (16 hex digits) of an AudioVAE state dict: every tensor's name, shape and float32 values, in
+    name order. The same for a file and any re-saved copy of it (e.g. an import's hf_assets)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_audio_vae(path: str | None, config: AudioVAEConfig, with_decoder: bool = True,
                    seed: int = 0) -> tuple[AudioVAEV2, dict]:
     """Build the codec; load `path` (safetensors, strict for the built parts) or seed a random init.
@@ -266,6 +279,7 @@ def load_audio_vae(path: str | None, config: AudioVAEConfig, with_decoder: bool 
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"{path}: only .safetensors weights are loaded (no pickles)")
     state = load_file(str(path))
+    fingerprint = state_fingerprint(state)
     vae = AudioVAEV2(config, with_decoder)
     wanted = set(vae.state_dict())
     state = {k: v for k, v in state.items() if k in wanted or with_decoder}
@@ -273,4 +287,4 @@ def load_audio_vae(path: str | None, config: AudioVAEConfig, with_decoder: bool 
     if missing or unexpected:
         raise ValueError(f"{path}: does not match AudioVAE V2 {config}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    return vae.eval(), {"weights": str(path), "config": config.to_dict()}
+    return vae.eval(), {"weights": str(path), "fingerprint": fingerprint, "config": config.to_dict()}

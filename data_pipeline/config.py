@@ -44,6 +44,8 @@ class EncodeConfig:
 
     vae_config: str = "small"            # small | full
     vae_path: Optional[str] = None       # audiovae.safetensors; None -> seeded random init (recorded)
+    # latents from a random-init AudioVAE are expected (demo, tests): no start-up warning about them
+    allow_random_init: bool = False
 
 
 @dataclass
@@ -63,6 +65,9 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 4
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    # latent folder of a held-out validation set (`voxcpm-data encode` of a separate manifest), with the
+    # layouts of datasets[0]; None = validation micro-batches drawn from the training datasets (data.seed + 1)
+    validation_path: Optional[str] = None
 
 
 def to_dict(x) -> dict:

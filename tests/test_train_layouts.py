@@ -44,15 +44,13 @@ def test_resume_across_layouts(tmp_path, demo_latents):
 def test_start_from_import(tmp_path, demo_latents):
     """checkpoint.load of a `voxcpm-import` (weights only): the run starts at step 0 from those weights
     with a fresh optimizer, scheduler and data stream."""
-    import dataclasses
     import subprocess
     import sys
 
-    from test_train_utils import REPO, _env
-    from voxcpm_train.config.model import load_model_preset
-    from voxcpm_train.convert.tiny import write_random_reference_folder
+    from test_train_utils import REPO, _env, write_reference_folder
 
-    ref = write_random_reference_folder(tmp_path / "ref", dataclasses.replace(load_model_preset("tiny"), vocab_size=1280))
+    # its AudioVAE is the one demo_latents were encoded with (a mismatch stops the start-up)
+    ref = write_reference_folder(tmp_path / "ref", vae_config="small", vae_seed=0)
     imported = tmp_path / "import"
     proc = subprocess.run([sys.executable, "-m", "voxcpm_train.convert.cli", "import", str(ref), str(imported)],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

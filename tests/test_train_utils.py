@@ -36,6 +36,31 @@ def demo_latents(tmp_path_factory) -> Path:
     return out
 
 
+def write_reference_folder(path, vae_config: str = "small", vae_seed: int = 0, seed: int = 3,
+                           vocab_size: int = 1280) -> Path:
+    """A reference model folder (the tiny model, the demo tokenizer) whose AudioVAE is the seeded random init
+    of our `vae_config` preset: the VAE `voxcpm-data encode --config <vae_config> --seed <vae_seed>` encodes
+    with when no --vae is given (demo_latents: small, seed 0), so a run from its import passes the AudioVAE
+    provenance check."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from data_pipeline.audio_vae import AudioVAEConfig, load_audio_vae
+    from voxcpm_train.config.model import load_model_preset
+    from voxcpm_train.convert.tiny import write_random_reference_folder
+
+    cfg = dataclasses.replace(load_model_preset("tiny"), vocab_size=vocab_size)
+    vae_cfg = AudioVAEConfig.preset(vae_config)
+    path = write_random_reference_folder(path, cfg, audio_vae_config=vae_cfg.to_dict(), seed=seed)
+    vae, _ = load_audio_vae(None, vae_cfg, with_decoder=True, seed=vae_seed)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path / "audiovae.safetensors"))
+    for f in (REPO / "demo_data/tokenizer").iterdir():
+        shutil.copyfile(f, path / f.name)
+    return path
+
+
 def train_cmd(run_dir, latents, *overrides, nproc: int = 1) -> list:
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",

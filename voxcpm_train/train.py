@@ -11,7 +11,7 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from voxcpm_train.config import CONFIG_PACKAGE, register_configs
 
@@ -21,12 +21,13 @@ log = logging.getLogger("voxcpm_train")
 
 @hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    from voxcpm_train.config.job import validate_job_config
+    from hydra.core.hydra_config import HydraConfig
+
+    from voxcpm_train.config.job import build_job
     from voxcpm_train.config.model import ConfigError
 
-    try:
-        job = OmegaConf.to_object(cfg)          # dataclasses (type checks already done by the merge)
-        validate_job_config(job)
+    try:   # typed (checked by the merge), validated, paths resolved and checked, model from the checkpoint
+        job = build_job(cfg, HydraConfig.get().overrides.task)
     except ConfigError as err:
         print(f"voxcpm-train: config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -38,6 +38,7 @@ from voxcpm_train.convert.folder import (
     ReferenceFolder,
     export_reference_config,
     read_reference_folder,
+    save_safetensors,
     write_reference_folder,
 )
 from voxcpm_train.convert.mapping import ConversionError, ours_to_reference, reference_to_ours
@@ -189,13 +190,12 @@ def import_folder(src, dst, model_config=None) -> Path:
 
 def _write_assets(folder: ReferenceFolder, path: Path) -> None:
     """Everything of a reference folder but the model weights (config.json, AudioVAE, tokenizer)."""
-    from safetensors.torch import save_file
-
     path.mkdir(parents=True, exist_ok=True)
     with open(path / CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(folder.config, f, indent=2)
     if folder.audio_vae is not None:
-        save_file({k: v.contiguous() for k, v in folder.audio_vae.items()}, str(path / VAE_FILE), metadata={"format": "pt"})
+        save_safetensors({k: v.contiguous() for k, v in folder.audio_vae.items()}, path / VAE_FILE,
+                         metadata={"format": "pt"})
     else:
         log.warning("reference folder has no AudioVAE weights; an export will need --assets")
     import shutil
@@ -221,14 +221,26 @@ def _checkpoint_dtype(model_dir: Path) -> Optional[str]:
     return names.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
+def _recorded_latents_vae(ckpt_dir: Path) -> Optional[dict]:
+    """The AudioVAE a training checkpoint's latents were encoded with (None for an import)."""
+    path = Path(ckpt_dir) / "extra_state.json"
+    if not path.is_file():
+        return None
+    extra = json.loads(path.read_text()).get("extra") or {}
+    return extra.get("latents_vae")
+
+
 def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_config=None) -> Path:
     """Write the reference folder ``dst`` from the checkpoint ``src`` (model weights only).
 
     ``assets``: a reference folder (or an import's ``hf_assets``) for config.json extras, the
-    AudioVAE and tokenizer; default ``<src>/hf_assets``. ``dtype``: of ``model.safetensors``;
+    AudioVAE and tokenizer; default ``<src>/hf_assets``. Its AudioVAE must be the one the training
+    latents were encoded with (recorded in a training checkpoint's extra_state.json), else
+    ``ConversionError``. ``dtype``: of ``model.safetensors``;
     default the dtype the checkpoint stores. ``model_config`` overrides ``<src>/config.yaml``.
     """
     from voxcpm_train.parallel.checkpoint import load_checkpoint
+    from voxcpm_train.training.vae_provenance import check_export_vae
 
     src, dst = Path(src), Path(dst)
     config = model_config if model_config is not None else read_checkpoint_config(src)
@@ -239,6 +251,7 @@ def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_
             "pass --assets with the reference folder the run started from"
         )
     assets_folder = read_reference_folder(assets_dir, weights=False)
+    check_export_vae(_recorded_latents_vae(src), assets_dir, src)
     if dtype is None:
         dtype = _checkpoint_dtype(src / "model") or "float32"
     with single_process_megatron():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "write_reference_folder",
     "export_reference_config",
     "DTYPES",
+    "save_safetensors",
 ]
 
 CONFIG_FILE = "config.json"
@@ -55,6 +57,27 @@ class ReferenceFolder:
     weights: Optional[StateDict] = None
     audio_vae: Optional[StateDict] = None
     assets: Dict[str, Path] = field(default_factory=dict)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)   # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: StateDict, path, metadata: Optional[dict] = None) -> Path:
+    """``safetensors.torch.save_file``, then the file mode any other file gets (0644 under the usual
+    umask 022): safetensors writes 0600, unreadable by the colleagues of a shared cluster."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+    return Path(path)
 
 
 def _torch_load_state(path: Path) -> StateDict:
@@ -180,10 +203,10 @@ def write_reference_folder(path, folder: ReferenceFolder, dtype: Optional[str] =
     weights = {
         k: (v.to(DTYPES[dtype]) if dtype else v).detach().cpu().contiguous() for k, v in folder.weights.items()
     }
-    save_file(weights, str(path / MODEL_FILE), metadata={"format": "pt"})
-    save_file(
+    save_safetensors(weights, path / MODEL_FILE, metadata={"format": "pt"})
+    save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in folder.audio_vae.items()},
-        str(path / VAE_FILE),
+        path / VAE_FILE,
         metadata={"format": "pt"},
     )
     for name, src in folder.assets.items():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 log = logging.getLogger("voxcpm_train")
 ASSETS = "hf_assets"
+_NOT_TOKENIZER = {"config.json", "audiovae.safetensors", "audiovae.pth", "model.safetensors", "pytorch_model.bin"}
 
 
 def write_run_assets(job, run_dir: Path) -> Path:
@@ -22,9 +23,8 @@ def write_run_assets(job, run_dir: Path) -> Path:
         shutil.copytree(Path(job.checkpoint.load) / ASSETS, dst, symlinks=False)
         return dst
     from data_pipeline.audio_vae import AudioVAEConfig
-    from safetensors.torch import save_file
 
-    from voxcpm_train.convert.folder import export_reference_config
+    from voxcpm_train.convert.folder import export_reference_config, save_safetensors
 
     tmp = dst.with_name(ASSETS + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -37,11 +37,12 @@ def write_run_assets(job, run_dir: Path) -> Path:
         from voxcpm_train.training.evaluate import load_vae_decoder
 
         vae = load_vae_decoder(job)
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp / "audiovae.safetensors"))
+        save_safetensors({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp / "audiovae.safetensors")
     config = export_reference_config(job.model, {"audio_vae_config": vae_cfg.to_dict()}, dtype="float32")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for item in Path(job.data.tokenizer_path).iterdir():
-        if item.is_file():
+        # a model folder (or an hf_assets) as the tokenizer folder: only its tokenizer files
+        if item.is_file() and item.name not in _NOT_TOKENIZER:
             shutil.copyfile(item, tmp / item.name)
     os.replace(tmp, dst)
     log.info(f"reference-folder assets (config.json, AudioVAE, tokenizer) -> {dst}")

@@ -190,9 +190,32 @@ def build_data(job, dp_rank: int, dp_size: int) -> TrainData:
     return TrainData(job, dp_rank, dp_size)
 
 
+def validation_job(job):
+    """The job whose data is the validation set: `data.validation_path` (held out: one dataset with the
+    layouts of datasets[0], no stage blend), else the training datasets themselves (not held out)."""
+    path = getattr(job.data, "validation_path", None)
+    if not path:
+        return job
+    first = job.data.datasets[0]
+    layouts = first.get("layouts") if isinstance(first, dict) else first.layouts
+    val = copy.copy(job)
+    val.data = dataclasses.replace(job.data, datasets=[{"name": "validation", "path": path, "weight": 1.0,
+                                                        "layouts": layouts}])
+    val.stage = dataclasses.replace(job.stage, blend={})
+    return val
+
+
 def validation_batches(job, dp_rank: int, dp_size: int, n: int) -> list:
-    """A fixed list of `n` micro-batches of this rank, drawn with data.seed + 1 (same every call)."""
-    data = TrainData(job, dp_rank, dp_size, seed_offset=1)
+    """A fixed list of `n` micro-batches of this rank, drawn with data.seed + 1 (same every call), from
+    `validation_job(job)`'s data. The training stream is not touched (its own loader, state and cursors)."""
+    import logging
+
+    held_out = bool(getattr(job.data, "validation_path", None))
+    logging.getLogger("voxcpm_train").info(
+        f"validation: {n} micro-batches per rank from " + (f"data.validation_path={job.data.validation_path} "
+        "(held out)" if held_out else "the training datasets (data.seed + 1; not held out: set "
+        "data.validation_path for a held-out set)"))
+    data = TrainData(validation_job(job), dp_rank, dp_size, seed_offset=1)
     if data.loader is not None:
         data.loader.num_workers = 0
     return [next(data) for _ in range(n)]

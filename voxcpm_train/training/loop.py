@@ -133,6 +133,10 @@ class Trainer:
 
         from voxcpm_train.training.data import build_data
 
+        from voxcpm_train.training.vae_provenance import latents_vae
+
+        # checked at start-up (config.job.build_job); recorded in every checkpoint for voxcpm-export's check
+        self.latents_vae = dict(latents_vae(job), allow_random_init=bool(job.data.encode.allow_random_init))
         self.data = build_data(job, self.dp_rank, self.dp)
         if state is not None and state.get("data") is not None:
             # the loader state counts global micro-batches: valid at any DP size; with another blend
@@ -170,6 +174,7 @@ class Trainer:
             "stage": {"name": self.start.name, "step": self.start.step, "samples": self.start.samples},
             "world": {"tp": self.job.parallel.tp, "pp": self.job.parallel.pp, "dp": self.dp},
             "global_batch_size": self.gbs,
+            "latents_vae": self.latents_vae,     # voxcpm-export checks the exported AudioVAE against it
         }
 
     def save(self, reason: str):
