@@ -82,8 +82,9 @@ def packed_sdpa(query, key, value, params, causal: bool, scale: float, dropout_p
         if causal:
             allowed = allowed & torch.ones(plan.capacity, plan.capacity, dtype=torch.bool, device=q.device).tril()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), **kwargs)
-    out = out.permute(0, 2, 1, 3).reshape(plan.chunks * plan.capacity, *out.shape[1:2], out.shape[-1])
-    return out[plan.scatter].reshape(t, -1)
+    heads, hn = out.shape[1], out.shape[-1]
+    out = out.transpose(1, 2).reshape(plan.chunks * plan.capacity, heads, hn)  # slot-major
+    return out[plan.scatter].reshape(t, heads * hn)
 
 
 class SDPAttention(_CoreAttentionBase):

@@ -9,12 +9,14 @@ branch is scaled by `scale_depth / sqrt(num_layers)` through `ScaledBiasDropoutA
   our `RMSNorm`, LongRoPE applied in fp32 by `apply_rope_fp32`. Runs anywhere (the CPU path).
 - `te`: Transformer Engine through megatron's wrappers, as megatron's own TE GPT spec does: the RMSNorms
   fused into the QKV and fc1 GEMMs (`TELayerNormColumnParallelLinear`, `input_layernorm` /
-  `pre_mlp_layernorm` are `IdentityOp`), `TERowParallelLinear` for linear_proj/fc2, TE attention, LongRoPE
+  `pre_mlp_layernorm` are `IdentityOp`), `TERowParallelLinear` for linear_proj/fc2, LongRoPE
   through TE's fused RoPE kernel with our fp32 per-dimension angles (`LongRoPE(fused=True)`). The submodule
   names (linear_qkv, linear_proj, linear_fc1, linear_fc2) are the local ones; the fused norm weights are
   mapped back to the local names both in `sharded_state_dict` (megatron's `sharded_state_dict_keys_map`)
   and in the plain `state_dict` (`MiniCPMTELayer`), so checkpoints and the convert table are shared.
-  Built lazily: nothing imports Transformer Engine until a te spec is asked for (`te_modules()`).
+  Core attention is `model.attention_backend`'s in both (TE's under auto on CUDA). Built lazily:
+  nothing imports Transformer Engine until a te spec is asked for (`te_modules()`). Note for adapters
+  (LoRA) on linear_qkv / linear_fc1: under te those modules normalise their input themselves.
 """
 
 from __future__ import annotations

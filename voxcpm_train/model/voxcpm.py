@@ -263,7 +263,8 @@ class VoxCPMModel(MegatronModule):
         if thd:  # rows concatenated: [B, T, ...] <-> [B*T, 1, ...] (views)
             to_stack = lambda x: x.reshape(B * T, 1, *x.shape[2:])
             from_stack = lambda x: x.reshape(B, T, *x.shape[2:])
-            packed = thd_packed_seq_params(segment_ids, B, T, text_mask.device)
+            has_stack = hasattr(self, "base_lm") or hasattr(self, "residual_lm")
+            packed = thd_packed_seq_params(segment_ids, B, T, text_mask.device) if has_stack else None
             attention_mask, rope_positions = None, position_ids.reshape(1, B * T)
         else:  # [B, T, ...] <-> [T, B, ...]
             to_stack = lambda x: x.transpose(0, 1).contiguous()
