@@ -62,7 +62,14 @@ def _official_packer():
     return mod.AudioFeatureProcessingPacker
 
 
-def official_throughput(args, model_cfg, vae_cfg: dict, items) -> dict:
+def official_throughput(args, model_cfg, vae_cfg: dict, items, device: str = "cpu", amp_dtype=None,
+                        model=None) -> dict:
+    """The official fine-tuner's step on `items` [(text ids, 16 kHz audio[, reference audio])]: `args.batch`
+    utterances per step (padded), the packer's AudioVAE encode, `VoxCPM2Model.forward` (under
+    `torch.autocast(amp_dtype)` if given: the trainer's AMP with fp32 weights), backward, clip, AdamW.
+    `model`: a prebuilt `VoxCPM2Model` (default: a random one of `model_cfg` / `vae_cfg`)."""
+    import contextlib
+
     import numpy as np
     import torch
     AudioFeatureProcessingPacker = _official_packer()
@@ -70,7 +77,9 @@ def official_throughput(args, model_cfg, vae_cfg: dict, items) -> dict:
     from voxcpm_train.convert.tiny import random_reference_model
 
     torch.manual_seed(0)
-    model = random_reference_model(model_cfg, vae_cfg, seed=0).train()
+    if model is None:
+        model = random_reference_model(model_cfg, vae_cfg, seed=0)
+    model = model.to(device).train()
     vae = model.audio_vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -82,6 +91,9 @@ def official_throughput(args, model_cfg, vae_cfg: dict, items) -> dict:
     total = args.warmup + args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     rng = np.random.default_rng(0)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    autocast = (lambda: torch.autocast(device_type=str(device).split(":")[0], dtype=amp_dtype)) if amp_dtype \
+        else contextlib.nullcontext
 
     def pad(seqs, value):
         n = max(len(x) for x in seqs)
@@ -91,21 +103,28 @@ def official_throughput(args, model_cfg, vae_cfg: dict, items) -> dict:
     times, pack_times, utts, positions = [], [], 0, 0
     for step in range(total):
         idx = rng.choice(len(items), size=args.batch, replace=False)
-        batch_text = pad([items[i][0] for i in idx], -100).to(torch.int32)
-        batch_audio = pad([items[i][1] for i in idx], -100.0)
+        batch_text = pad([items[i][0] for i in idx], -100).to(torch.int32).to(device)
+        batch_audio = pad([items[i][1] for i in idx], -100.0).to(device)
+        refs = [items[i][2] if len(items[i]) > 2 else [] for i in idx]
+        batch_ref = pad([r if len(r) else [-100.0] for r in refs], -100.0).to(device) if any(len(r) for r in refs) else None
+        sync()
         t0 = time.perf_counter()
         packed = packer(audio_tokens=batch_audio, text_tokens=batch_text,
                         task_ids=torch.ones(args.batch, dtype=torch.int32),
-                        dataset_ids=torch.zeros(args.batch, dtype=torch.int32), is_prompts=[False] * args.batch)
+                        dataset_ids=torch.zeros(args.batch, dtype=torch.int32), is_prompts=[False] * args.batch,
+                        ref_audio_tokens=batch_ref)
+        sync()
         t_pack = time.perf_counter() - t0
-        out = model(packed["text_tokens"], packed["text_mask"], packed["audio_feats"], packed["audio_mask"],
-                    packed["loss_mask"], packed["position_ids"], packed["labels"])
-        loss = out["loss/diff"] + out["loss/stop"]
+        with autocast():
+            out = model(packed["text_tokens"], packed["text_mask"], packed["audio_feats"], packed["audio_mask"],
+                        packed["loss_mask"], packed["position_ids"], packed["labels"])
+            loss = out["loss/diff"] + out["loss/stop"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        sync()
         dt = time.perf_counter() - t0
         if step >= args.warmup:
             times.append(dt)

@@ -60,6 +60,24 @@ def test_wrong_value_names_the_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["transformer_impl=apex"], "model.transformer_impl='apex' is not one of"),
+        (["packed_seq_format=bshd"], "model.packed_seq_format='bshd' is not one of"),
+        (["fp8=e5m2"], "model.fp8='e5m2' is not one of null, e4m3, hybrid"),
+        (["fp8=hybrid", "fp8_recipe=mxfp8"], "model.fp8_recipe='mxfp8' is not one of"),
+        (["fp8=hybrid", "transformer_impl=local"], "model.fp8='hybrid' needs model.transformer_impl=te"),
+        (["transformer_impl=te", "packed_seq_format=dense_mask"], "model.transformer_impl=te needs model.packed_seq_format=thd"),
+        (["transformer_impl=te", "attention_backend=npu"], "model.attention_backend=npu cannot run in model.transformer_impl=te"),
+    ],
+)
+def test_fast_path_options_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_model_preset("tiny", overrides)
+    assert message in str(err.value)
+
+
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match="lm.num_layers"):
         load_model_preset("tiny", ["lm.num_layers=many"])

@@ -13,6 +13,10 @@ from typing import Any, List, Optional
 
 ARCHITECTURES = ("voxcpm2", "voxcpm")
 ATTENTION_BACKENDS = ("auto", "sdpa", "te", "npu")
+TRANSFORMER_IMPLS = ("auto", "local", "te")
+PACKED_SEQ_FORMATS = ("thd", "dense_mask")
+FP8_FORMATS = (None, "e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "current")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -93,6 +97,21 @@ class ModelConfig:
     eos_token_id: int = 2
     # auto = te on CUDA when transformer_engine imports, npu on Ascend, else torch SDPA.
     attention_backend: str = "auto"
+    # Layer implementation: local = megatron's ColumnParallelLinear/RowParallelLinear + our fp32-variance
+    # RMSNorm and fp32 LongRoPE; te = Transformer Engine (RMSNorm fused into the QKV and fc1 linears,
+    # TE row-parallel linears, TE's fused RoPE with our per-dimension frequencies); auto = te on CUDA with
+    # Transformer Engine installed, else local. Both give the same checkpoint keys.
+    transformer_impl: str = "auto"
+    # How packed rows reach attention: thd = per-segment boundaries (cu_seqlens, megatron PackedSeqParams
+    # in the `thd` format; stacks run on [B*T, 1, H]); dense_mask = a bool [B, 1, T, T] segment mask
+    # (the earlier path, kept as the reference of the THD path in tests).
+    packed_seq_format: str = "thd"
+    # FP8 GEMMs in the TSLM/RALM layers (Transformer Engine, transformer_impl te, compute capability >= 8.9):
+    # null | e4m3 | hybrid (e4m3 forward, e5m2 gradients); recipe delayed (amax history) | current
+    # (per-tensor current scaling, megatron's `tensorwise`).
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
     params_dtype: str = "float32"
     init_method_std: float = 0.02
     # Layers of the TSLM+RALM list per pipeline stage (None = even split).
@@ -176,6 +195,32 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
         cfg.attention_backend in ATTENTION_BACKENDS,
         f"{prefix}.attention_backend={cfg.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
     )
+    _check(
+        cfg.transformer_impl in TRANSFORMER_IMPLS,
+        f"{prefix}.transformer_impl={cfg.transformer_impl!r} is not one of {TRANSFORMER_IMPLS}",
+    )
+    _check(
+        cfg.packed_seq_format in PACKED_SEQ_FORMATS,
+        f"{prefix}.packed_seq_format={cfg.packed_seq_format!r} is not one of {PACKED_SEQ_FORMATS}",
+    )
+    _check(cfg.fp8 in FP8_FORMATS, f"{prefix}.fp8={cfg.fp8!r} is not one of null, e4m3, hybrid")
+    _check(cfg.fp8_recipe in FP8_RECIPES, f"{prefix}.fp8_recipe={cfg.fp8_recipe!r} is not one of {FP8_RECIPES}")
+    _check(cfg.fp8_amax_history_len > 0, f"{prefix}.fp8_amax_history_len={cfg.fp8_amax_history_len} must be positive")
+    if cfg.transformer_impl == "te":
+        _check(
+            cfg.attention_backend != "npu",
+            f"{prefix}.attention_backend=npu cannot run in {prefix}.transformer_impl=te (Transformer Engine is CUDA only)",
+        )
+        _check(
+            cfg.packed_seq_format == "thd",
+            f"{prefix}.transformer_impl=te needs {prefix}.packed_seq_format=thd (TE's fused RoPE takes one "
+            f"position table per sequence, not per-row positions of a [T, B] batch)",
+        )
+    if cfg.fp8 is not None:
+        _check(
+            cfg.transformer_impl in ("te", "auto"),
+            f"{prefix}.fp8={cfg.fp8!r} needs {prefix}.transformer_impl=te (FP8 GEMMs are Transformer Engine's)",
+        )
     _check(cfg.params_dtype in PARAMS_DTYPES, f"{prefix}.params_dtype={cfg.params_dtype!r} is not one of {PARAMS_DTYPES}")
     _check(0.0 <= cfg.flow.cfg_rate < 1.0, f"{prefix}.flow.cfg_rate={cfg.flow.cfg_rate} must be in [0, 1)")
     _check(cfg.flow.t_sigma > 0, f"{prefix}.flow.t_sigma={cfg.flow.t_sigma} must be positive")

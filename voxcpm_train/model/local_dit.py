@@ -35,10 +35,12 @@ class LocalDiT(MegatronModule):
     """Bidirectional stack over `[mu ×C, time_emb + dt_emb, cond ×P, x_t ×P]` (C = 2 condition tokens
     for voxcpm2; for voxcpm v1 C = 1 and the time embedding is added to mu), `out_proj` on the last P.
 
-    `forward(x_t [N, P, D], mu [N, C, H], t [N], cond [N, P, D]) -> velocity [N, P, D]`.
+    `forward(x_t [N, P, D], mu [N, C, H], t [N], cond [N, P, D]) -> velocity [N, P, D]`. No mask, no
+    packing (each of the N positions is its own short sequence). `impl`: the layer spec.
     """
 
-    def __init__(self, block_config, core_attention, rope_config, feat_dim: int, residual_scale: float, time_in_mu: bool):
+    def __init__(self, block_config, core_attention, rope_config, feat_dim: int, residual_scale: float, time_in_mu: bool,
+                 impl: str = "local"):
         super().__init__(config=block_config)
         hidden = block_config.hidden_size
         dtype = block_config.params_dtype
@@ -50,8 +52,9 @@ class LocalDiT(MegatronModule):
         self.decoder = StackBlock(
             block_config, core_attention, causal=False, residual_scale=residual_scale,
             first_layer=0, num_layers=block_config.num_layers, total_layers=block_config.num_layers, final_norm=True,
+            impl=impl,
         )
-        self.rope = LongRoPE(block_config.kv_channels, rope_config)
+        self.rope = LongRoPE(block_config.kv_channels, rope_config, fused=impl == "te")
         self.hidden = hidden
         self.time_in_mu = time_in_mu
 

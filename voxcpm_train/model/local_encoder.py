@@ -13,10 +13,11 @@ class LocalEncoder(MegatronModule):
     """`in_proj` (D -> H_enc) on the P frames, a learned CLS `special_token` prepended, a bidirectional
     `encoder` stack over the P+1 tokens (batch = the B·T positions), output = the CLS token.
 
-    `forward(feats [B, T, P, D]) -> [B, T, H_enc]`.
+    `forward(feats [B, T, P, D]) -> [B, T, H_enc]`. No mask, no packing: every position is its own
+    short sequence (the batch dim), the fast path of every attention backend. `impl`: the layer spec.
     """
 
-    def __init__(self, block_config, core_attention, rope_config, feat_dim: int, residual_scale: float):
+    def __init__(self, block_config, core_attention, rope_config, feat_dim: int, residual_scale: float, impl: str = "local"):
         super().__init__(config=block_config)
         hidden = block_config.hidden_size
         dtype = block_config.params_dtype
@@ -25,8 +26,9 @@ class LocalEncoder(MegatronModule):
         self.encoder = StackBlock(
             block_config, core_attention, causal=False, residual_scale=residual_scale,
             first_layer=0, num_layers=block_config.num_layers, total_layers=block_config.num_layers, final_norm=True,
+            impl=impl,
         )
-        self.rope = LongRoPE(block_config.kv_channels, rope_config)
+        self.rope = LongRoPE(block_config.kv_channels, rope_config, fused=impl == "te")
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         batch, seq, patch, _ = feats.shape

@@ -20,6 +20,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from voxcpm_train.config.model import ModelConfig, StackConfig
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+
 from voxcpm_train.model.layer_spec import RMSNorm, minicpm_layer_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,10 +37,11 @@ def stack_transformer_config(
     sequence_parallel: bool = False,
     tensor_model_parallel_size: Optional[int] = None,
     recompute: bool = False,
+    fp8: bool = False,
 ) -> TransformerConfig:
     """megatron `TransformerConfig` of one stack (PP size 1 inside; TP from parallel_state).
 
-    `recompute` applies `cfg.recompute_*` (the TSLM/RALM stacks)."""
+    `recompute` applies `cfg.recompute_*`, `fp8` applies `cfg.fp8*` (the TSLM/RALM stacks)."""
     tp = tensor_model_parallel_size or parallel_state.get_tensor_model_parallel_world_size()
     for key, value in (("num_attention_heads", stack.num_attention_heads), ("num_query_groups", stack.num_query_groups)):
         if value % tp:
@@ -49,7 +53,14 @@ def stack_transformer_config(
         recompute_kwargs = dict(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
     elif granularity == "selective":
         recompute_kwargs = dict(recompute_modules=["core_attn"])
+    fp8_kwargs = {}
+    if fp8 and cfg.fp8 is not None:
+        fp8_kwargs = dict(
+            fp8=cfg.fp8, fp8_recipe="tensorwise" if cfg.fp8_recipe == "current" else "delayed",
+            fp8_amax_history_len=cfg.fp8_amax_history_len, fp8_amax_compute_algo="max",
+        )
     return TransformerConfig(
+        **fp8_kwargs,
         recompute_granularity=granularity,
         **recompute_kwargs,
         num_layers=num_layers,
@@ -92,7 +103,12 @@ def mup_residual_scale(cfg: ModelConfig, stack_layers: int) -> float:
 
 class StackBlock(TransformerBlock):
     """Layers [first_layer, first_layer + num_layers) of a `total_layers` stack, plus the stack's
-    final RMSNorm `norm` when `final_norm`. `forward(hidden [S, B, H], attention_mask, rotary_pos_emb)`.
+    final RMSNorm `norm` when `final_norm`. `impl`: the layer spec (local | te, see layer_spec.py).
+    `forward(hidden [S, B, H] or THD [t, 1, H], attention_mask, rotary_pos_emb, packed_seq_params=None)`.
+
+    In `sharded_state_dict` the layers' `_extra_state` objects (None for local linears, Transformer
+    Engine's FP8 scaling state for te ones) are stored as None: the two specs write the same checkpoint
+    and loading never unpickles TE state (FP8 delayed scaling rebuilds its amax history after a resume).
     """
 
     def __init__(
@@ -105,8 +121,9 @@ class StackBlock(TransformerBlock):
         num_layers: int,
         total_layers: int,
         final_norm: bool,
+        impl: str = "local",
     ):
-        spec = minicpm_layer_spec(core_attention, causal, residual_scale)
+        spec = minicpm_layer_spec(core_attention, causal, residual_scale, impl=impl)
         self.first_layer = first_layer
         self.total_layers = total_layers
         super().__init__(
@@ -141,6 +158,9 @@ class StackBlock(TransformerBlock):
             else:
                 sharded_prefix, offsets = f"{prefix}layers.", [(0, global_index, self.total_layers)]
             layer_sd = layer.sharded_state_dict(local_prefix, offsets, metadata)
+            for value in nested_values(layer_sd):
+                if isinstance(value, ShardedObject) and value.key.endswith("_extra_state"):
+                    value.data = None
             replace_prefix_for_sharding(layer_sd, local_prefix, sharded_prefix)
             sharded.update(layer_sd)
         if self.norm is not None:

@@ -25,10 +25,16 @@ query group g: [q heads of g, k_g, v_g] rows, megatron's layout), `layers.{i}.se
 | `feat_decoder.estimator.decoder.layers.*`, `.decoder.norm` | same | last |
 | `stop_proj`, `stop_head` (no bias) | same | last |
 
-Stage I/O (see docs/architecture.md): one tensor [2T, B, H] crosses stages; rows 0:T the running
-hidden state, rows T:2T `feat_embed` until the TSLM ends, then the FSQ output (`lm_hidden` unshifted).
+Packed rows (`model.packed_seq_format`): `thd` (default) runs the TSLM/RALM on the B rows concatenated,
+[B·T, 1, H], with megatron `PackedSeqParams` (cu_seqlens from `segment_ids`, `packed_seq.py`) handed to the
+core attention; `dense_mask` runs them on [T, B, H] with a bool [B, 1, T, T] segment mask (the earlier
+path, the reference of the THD one in tests). Both give the same losses and grads.
+
+Stage I/O (see docs/architecture.md): one tensor [2T, B, H] crosses stages; its first half is the running
+hidden state, its second half `feat_embed` until the TSLM ends, then the FSQ output (`lm_hidden`
+unshifted). Under thd each half is the [B·T, 1, H] token stream viewed as [T, B, H] (a view, no copy).
 With `sequence_parallel=True` (TP > 1) the TSLM/RALM run on sequence shards: the stage tensor is
-[2T/tp, B, H] (this rank's T/tp rows of each half; megatron's schedule divides `seq_length=2T` by tp),
+[2T/tp, B, H] (this rank's 1/tp of each half; megatron's schedule divides `seq_length=2T` by tp),
 LocEnc/LocDiT and the losses run on the whole sequence.
 """
 
@@ -45,6 +51,7 @@ from megatron.core.utils import init_method_normal
 from voxcpm_train.config.model import ModelConfig, validate_model_config
 from voxcpm_train.model.attention import core_attention_class
 from voxcpm_train.model.fsq import FSQ
+from voxcpm_train.model.layer_spec import check_fp8_available, resolve_transformer_impl
 from voxcpm_train.model.local_dit import FeatDecoder, LocalDiT
 from voxcpm_train.model.local_encoder import LocalEncoder
 from voxcpm_train.model.losses import (
@@ -54,13 +61,15 @@ from voxcpm_train.model.losses import (
     flow_matching_targets,
     stop_loss_sum,
 )
+from voxcpm_train.model.packed_seq import thd_packed_seq_params
 from voxcpm_train.model.pipeline import stage_layers
 from voxcpm_train.model.rope import LongRoPE, longrope_softmax_scale
 from voxcpm_train.model.transformer import StackBlock, mup_residual_scale, stack_transformer_config
 
 
 def segment_attention_mask(segment_ids: torch.Tensor, causal: bool) -> torch.Tensor:
-    """bool [B, 1, T, T], True = blocked: keys of another segment (and later keys when causal)."""
+    """bool [B, 1, T, T], True = blocked: keys of another segment (and later keys when causal).
+    The `dense_mask` path only; `thd` never builds it."""
     blocked = segment_ids.unsqueeze(2) != segment_ids.unsqueeze(1)
     if causal:
         T = segment_ids.shape[1]
@@ -103,12 +112,15 @@ class VoxCPMModel(MegatronModule):
         layout = stage_layers(config, pp_size, pp_rank)
         n_base, n_res = config.lm.num_layers, config.residual_lm_num_layers
         lm_scale = longrope_softmax_scale(config.lm.head_dim, config.rope)
+        impl = resolve_transformer_impl(config.transformer_impl)
+        if config.fp8 is not None:
+            check_fp8_available(config.fp8)
 
         def make_config(stack, num_layers, softmax_scale, lm_stack=False):
-            # Activation recompute and sequence parallelism (TP > 1) apply to the TSLM/RALM stacks only.
+            # Activation recompute, FP8 and sequence parallelism (TP > 1) apply to the TSLM/RALM stacks only.
             return stack_transformer_config(
                 config, stack, num_layers, softmax_scale, use_cpu_initialization=use_cpu_initialization,
-                recompute=lm_stack, sequence_parallel=sequence_parallel and lm_stack,
+                recompute=lm_stack, sequence_parallel=sequence_parallel and lm_stack, fp8=lm_stack,
             )
 
         base_config = make_config(config.lm, n_base, lm_scale, lm_stack=True)
@@ -117,6 +129,8 @@ class VoxCPMModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.layout = layout
+        self.transformer_impl = impl
+        self.packed_seq_format = config.packed_seq_format
         self.input_tensor = None
         attention = core_attention_class(config.attention_backend)
         dtype = base_config.params_dtype
@@ -131,14 +145,15 @@ class VoxCPMModel(MegatronModule):
                 config.encoder, config.encoder.num_layers, longrope_softmax_scale(config.encoder.head_dim, config.rope)
             )
             self.feat_encoder = LocalEncoder(
-                enc_config, attention, config.rope, config.feat_dim, mup_residual_scale(config, config.encoder.num_layers)
+                enc_config, attention, config.rope, config.feat_dim, mup_residual_scale(config, config.encoder.num_layers),
+                impl=impl,
             )
             self.enc_to_lm_proj = torch.nn.Linear(config.encoder.hidden_size, hidden, dtype=dtype)
         if layout.base_count or layout.holds_last_base_layer:
             self.base_lm = StackBlock(
                 base_config, attention, causal=True, residual_scale=mup_residual_scale(config, n_base),
                 first_layer=layout.base_first, num_layers=layout.base_count, total_layers=n_base,
-                final_norm=layout.holds_last_base_layer,
+                final_norm=layout.holds_last_base_layer, impl=impl,
             )
         if layout.holds_last_base_layer:
             self.fsq_layer = FSQ(hidden, config.fsq_latent_dim, config.fsq_scale, dtype=dtype)
@@ -150,13 +165,13 @@ class VoxCPMModel(MegatronModule):
                 for param in (self.fusion_concat_proj.parameters() if v2 else ()):
                     setattr(param, "sequence_parallel", True)
         if layout.base_count or layout.residual_count:
-            self.rope = LongRoPE(config.lm.head_dim, config.rope)
+            self.rope = LongRoPE(config.lm.head_dim, config.rope, fused=impl == "te")
         if layout.residual_count or post_process:
             res_rope = not config.residual_lm_no_rope
             self.residual_lm = StackBlock(
                 make_config(config.lm, n_res, lm_scale if res_rope else None, lm_stack=True), attention, causal=True,
                 residual_scale=mup_residual_scale(config, n_res), first_layer=layout.residual_first,
-                num_layers=layout.residual_count, total_layers=n_res, final_norm=post_process,
+                num_layers=layout.residual_count, total_layers=n_res, final_norm=post_process, impl=impl,
             )
         if post_process:
             dit_hidden = config.dit.hidden_size
@@ -168,7 +183,7 @@ class VoxCPMModel(MegatronModule):
             self.feat_decoder = FeatDecoder(
                 LocalDiT(
                     dit_config, attention, config.rope, config.feat_dim,
-                    mup_residual_scale(config, config.dit.num_layers), time_in_mu=not v2,
+                    mup_residual_scale(config, config.dit.num_layers), time_in_mu=not v2, impl=impl,
                 )
             )
             self.stop_proj = torch.nn.Linear(hidden, hidden, dtype=dtype)
@@ -234,13 +249,29 @@ class VoxCPMModel(MegatronModule):
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(T, device=text_mask.device).expand(B, T)
-        mask_tb = lambda m: self._local_positions(m.transpose(0, 1).unsqueeze(-1))  # [B, T] -> [T(/tp), B, 1]
         sp = self.config.sequence_parallel
-        if sp and T % parallel_state.get_tensor_model_parallel_world_size():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if sp and T % tp:
             raise ValueError(
-                f"sequence parallelism needs the row length T={T} divisible by the tensor parallel size "
-                f"{parallel_state.get_tensor_model_parallel_world_size()}"
+                f"sequence parallelism needs the row length T={T} divisible by the tensor parallel size {tp}"
             )
+        if self.config.fp8 and (B * T) % (16 * (tp if sp else 1)):
+            raise ValueError(f"model.fp8 needs B*T={B}*{T} positions per micro-batch (per TP rank under sequence "
+                             f"parallelism) divisible by 16: choose data.row_tokens accordingly")
+
+        thd = self.packed_seq_format == "thd"
+        if thd:  # rows concatenated: [B, T, ...] <-> [B*T, 1, ...] (views)
+            to_stack = lambda x: x.reshape(B * T, 1, *x.shape[2:])
+            from_stack = lambda x: x.reshape(B, T, *x.shape[2:])
+            has_stack = hasattr(self, "base_lm") or hasattr(self, "residual_lm")
+            packed = thd_packed_seq_params(segment_ids, B, T, text_mask.device) if has_stack else None
+            attention_mask, rope_positions = None, position_ids.reshape(1, B * T)
+        else:  # [B, T, ...] <-> [T, B, ...]
+            to_stack = lambda x: x.transpose(0, 1).contiguous()
+            from_stack = lambda x: x.transpose(0, 1)
+            packed, rope_positions = None, position_ids
+            attention_mask = segment_attention_mask(segment_ids, causal=True) if segment_ids is not None else None
+        mask_tb = lambda m: self._local_positions(to_stack(m.unsqueeze(-1)))  # [B, T] -> [S(/tp), b, 1]
 
         if self.pre_process:
             feat_embed = self._encode_audio_positions(batch["audio_feats"].to(dtype), audio_mask)  # [B, T, H]
@@ -248,20 +279,21 @@ class VoxCPMModel(MegatronModule):
             if cfg.use_mup:
                 text_embed = text_embed * cfg.scale_emb
             x = text_mask.unsqueeze(-1) * text_embed + audio_mask.unsqueeze(-1) * feat_embed
-            hidden, side = x.transpose(0, 1).contiguous(), feat_embed.transpose(0, 1).contiguous()
+            hidden, side = to_stack(x), to_stack(feat_embed)
             if sp:
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
                 side = tensor_parallel.scatter_to_sequence_parallel_region(side)
         else:
             if self.input_tensor is None:
                 raise RuntimeError("VoxCPMModel stage without pre_process needs set_input_tensor() first")
-            half = self.input_tensor.shape[0] // 2  # T, or T / tp under sequence parallelism
-            hidden, side = self.input_tensor[:half], self.input_tensor[half:]
+            stage_in = self.input_tensor.reshape(-1, 1, self.input_tensor.shape[-1]) if thd else self.input_tensor
+            half = stage_in.shape[0] // 2  # the T (or B*T) positions, / tp under sequence parallelism
+            hidden, side = stage_in[:half], stage_in[half:]
 
-        attention_mask = segment_attention_mask(segment_ids, causal=True) if segment_ids is not None else None
-        cos_sin = self.rope(position_ids) if hasattr(self, "rope") else None
+        cos_sin = self.rope(rope_positions) if hasattr(self, "rope") else None
+        stack_kwargs = dict(attention_mask=attention_mask, packed_seq_params=packed)
         if hasattr(self, "base_lm"):
-            hidden = self.base_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=cos_sin)
+            hidden = self.base_lm(hidden, rotary_pos_emb=cos_sin, **stack_kwargs)
         if self.layout.holds_last_base_layer:
             h_fsq = self.fsq_layer(hidden) * mask_tb(audio_mask) + hidden * mask_tb(text_mask)
             feat = mask_tb(audio_mask) * side
@@ -272,13 +304,14 @@ class VoxCPMModel(MegatronModule):
             side = h_fsq
         if hasattr(self, "residual_lm"):
             res_cos_sin = None if cfg.residual_lm_no_rope else cos_sin
-            hidden = self.residual_lm(hidden, attention_mask=attention_mask, rotary_pos_emb=res_cos_sin)
+            hidden = self.residual_lm(hidden, rotary_pos_emb=res_cos_sin, **stack_kwargs)
         if not self.post_process:
-            return torch.cat([hidden, side], dim=0)
+            out = torch.cat([hidden, side], dim=0)
+            return out.view(-1, B, out.shape[-1]) if thd else out  # the schedule's [2T(/tp), B, H]
         if sp:  # the losses run on the whole sequence, identically on every TP rank
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
             side = tensor_parallel.gather_from_sequence_parallel_region(side, tensor_parallel_output_grad=False)
-        return self._losses(batch, side.transpose(0, 1), hidden.transpose(0, 1), segment_ids, draws)
+        return self._losses(batch, from_stack(side), from_stack(hidden), segment_ids, draws)
 
     def _encode_audio_positions(self, feats: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
         """`enc_to_lm_proj(LocEnc(patch))` at audio positions, zeros elsewhere: feats [B, T, P, D] -> [B, T, H].

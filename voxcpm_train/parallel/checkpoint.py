@@ -321,6 +321,9 @@ def save_checkpoint(
         (ckpt_dir / _RANK_DIR).mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
+    for chunk in model_chunks:  # overlap_param_gather: the last step's all-gather waits for the next forward
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
     sharded = {"model": _model_sharded_state_dict(model_chunks)}
     step = 0
     if optimizer is not None:

@@ -56,9 +56,11 @@ def build_model_and_optimizer(job, platform):
         return VoxCPMModel(model_cfg, pre_process=pre_process, post_process=post_process,
                            sequence_parallel=bool(p.sequence_parallel))
 
+    _check_overlap(job)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=bf16,
         overlap_grad_reduce=bool(p.overlap_grad_reduce),
+        overlap_param_gather=bool(p.overlap_param_gather),
         use_distributed_optimizer=bool(p.use_distributed_optimizer),
     )
     chunks = build_model_chunks(provider, ddp_config, device=platform.device,
@@ -75,6 +77,20 @@ def build_model_and_optimizer(job, platform):
     optimizer = popt.build_optimizer(opt_config, chunks, config_overrides=overrides)
     _check_lr_mult_names(chunks, job)
     return chunks, optimizer
+
+
+def _check_overlap(job) -> None:
+    """The DDP overlap options at start-up, not at the first checkpoint."""
+    p = job.parallel
+    if getattr(p, "overlap_param_gather", False) and not p.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+    saves = job.checkpoint.every > 0 or job.checkpoint.save_at_end or job.checkpoint.exit_on_signal
+    if p.overlap_grad_reduce and p.use_distributed_optimizer and saves:
+        raise ConfigError(
+            "parallel.overlap_grad_reduce=true splits the gradients into several DDP buckets, and megatron-core "
+            "0.16 writes wrong distributed-optimizer checkpoints then (fixed upstream in Megatron-LM PR #5077): "
+            "set parallel.use_distributed_optimizer=false, or overlap_grad_reduce=false, or disable checkpoints "
+            "(checkpoint.every=0 checkpoint.save_at_end=false checkpoint.exit_on_signal=false)")
 
 
 def _check_lr_mult_names(chunks, job) -> None:
