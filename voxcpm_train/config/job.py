@@ -10,6 +10,7 @@ from voxcpm_train.config.checkpoint import CheckpointConfig
 from voxcpm_train.config.logging import LoggingConfig
 from voxcpm_train.config.optim import OptimConfig
 from voxcpm_train.config.parallel import ParallelConfig
+from voxcpm_train.config.peft import PeftConfig
 from voxcpm_train.config.platform import PlatformConfig
 from voxcpm_train.config.stage import StageConfig
 
@@ -58,6 +59,7 @@ class JobConfig:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)   # configs/peft/*.yaml: LoRA, frozen modules
 
 
 def register() -> None:
@@ -115,3 +117,6 @@ def validate_job_config(cfg) -> None:
     check(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 0")
     check(bool(cfg.run.dir), "run.dir must be set")
     validate_model_config(cfg.model, "model")
+    from voxcpm_train.config.peft import validate_peft_config
+
+    validate_peft_config(cfg.peft)
