@@ -80,9 +80,9 @@ def read_checkpoint_peft(ckpt_dir) -> PeftConfig:
         return PeftConfig()
     try:
         peft = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PeftConfig), raw["peft"]))
-    except Exception as err:  # omegaconf names the key
+        validate_peft_config(peft)
+    except Exception as err:  # omegaconf / the validation name the key
         raise ConversionError(f"{path}: peft section: {err}") from err
-    validate_peft_config(peft)
     return peft
 
 
