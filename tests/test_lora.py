@@ -275,3 +275,30 @@ def test_base_checkpoint_into_lora_model_and_changed_targets(megatron_single, tm
     apply_peft(more, _peft(base_lm=ALL), seed=4)
     with pytest.raises(KeyError, match="LoRA targets changed"):
         load_checkpoint(tmp_path / "lora", [more], optimizer=None, load_rng=False)
+
+
+def test_lora_under_full_recompute_gets_the_same_grads(megatron_single):
+    """megatron's full recompute (a reentrant checkpoint per layer) would give adapters behind a frozen
+    embedding/LocEnc no gradient at all; with the input hook their grads equal the no-recompute ones."""
+    from voxcpm_train.config.model import load_model_preset
+    from voxcpm_train.model import VoxCPMModel
+    from voxcpm_train.model.lora import apply_peft, lora_modules
+
+    grads = {}
+    for recompute in (None, "full"):
+        cfg = dataclasses.replace(load_model_preset("tiny"), recompute_granularity=recompute)
+        torch.manual_seed(0)
+        model = VoxCPMModel(cfg).train()
+        apply_peft(model, _peft(base_lm=ALL), seed=3)
+        gen = torch.Generator().manual_seed(1)
+        for _, module in lora_modules(model):
+            module.lora_B.data.copy_(torch.randn(module.lora_B.shape, generator=gen) * 0.1)
+        torch.manual_seed(0)
+        out = model(_batch())
+        (out["diff_sum"] + out["stop_sum"]).backward()
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["full"].keys() == grads[None].keys()
+    for name, g in grads[None].items():
+        got = grads["full"][name]
+        assert got is not None and g.abs().max() > 0, name
+        assert (got - g).abs().max() <= 1e-5 * g.abs().max(), name

@@ -373,4 +373,31 @@ def apply_peft(model: torch.nn.Module, peft: PeftConfig, seed: int = 0) -> PeftS
             summary.unmatched.append(f"peft.freeze: {prefix}")
     summary.trainable = sum(p.numel() for _, p in named if p.requires_grad)
     summary.frozen = sum(p.numel() for _, p in named if not p.requires_grad)
+    if summary.frozen:
+        _recompute_inputs_require_grad(model)
     return summary
+
+
+def _input_requires_grad(module, args, kwargs):
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_grad_enabled() or hidden is None or hidden.requires_grad:
+        return None
+    hidden = hidden.detach().requires_grad_(True)
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _recompute_inputs_require_grad(model: torch.nn.Module) -> None:
+    """megatron's full recompute runs each layer inside a reentrant `CheckpointFunction`: when its input
+    does not require grad (the modules before it are frozen), nothing inside gets a gradient, adapters
+    included. Make the input of every fully recomputed block require grad (as PEFT libraries do with
+    `enable_input_require_grads`)."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(module, TransformerBlock) and getattr(config, "recompute_granularity", None) == "full" \
+                and not getattr(module, "_voxcpm_input_grad_hook", False):
+            module.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+            module._voxcpm_input_grad_hook = True
