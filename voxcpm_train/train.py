@@ -1,7 +1,7 @@
 """`voxcpm-train`: the Hydra app. `voxcpm-train experiment=demo run.dir=runs/x train.max_steps=20`.
 
 Config tree: configs/ (groups model, data, parallel, optim, stage, platform, logging, checkpoint,
-experiment). Launch one process per device (torchrun / srun); see docs/launch.md.
+peft, experiment). Launch one process per device (torchrun / srun); see docs/launch.md.
 """
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def activation_lines(cfg: ModelConfig, peft: PeftConfig, row_tokens: int, micro_
         "feat_encoder": int(round(audio_fraction * positions)) * (p + 1),
         "feat_decoder": int(round(loss_fraction * positions)) * dit_tokens,
     }
-    lines, grad_flows = [], False
+    lines, working, grad_flows = [], [], False
     for stack in _FORWARD_ORDER:
         s = shapes[stack]
         trains = not (peft.uses_lora and not peft.lora.train_base) and not any(
@@ -180,11 +180,13 @@ def activation_lines(cfg: ModelConfig, peft: PeftConfig, row_tokens: int, micro_
             lines.append(MemoryLine(f"activations {stack}", n * (s.layers * elem * s.hidden + final_norm) + shared,
                                     f"{n:,} tokens x ({s.layers} layer inputs x {elem * s.hidden} B + norm {final_norm} B)"
                                     f" + mask/rope {shared:,} B"))
-            lines.append(MemoryLine(f"recompute working set {stack}", n * per_layer,
-                                    f"{n:,} tokens x one layer's {per_layer:,} B, live during its backward"))
+            working.append(MemoryLine("recompute working set", n * per_layer,
+                                      f"{n:,} tokens x one {stack} layer's {per_layer:,} B, live during its backward"))
         else:
             lines.append(MemoryLine(f"activations {stack}", n * (s.layers * per_layer + final_norm),
                                     f"{n:,} tokens x ({s.layers} layers x {per_layer:,} B + norm {final_norm} B)"))
+    if working:  # one layer is recomputed at a time: the largest working set
+        lines.append(max(working, key=lambda line: line.bytes))
     outside_trains = not (peft.uses_lora and not peft.lora.train_base)
     k = OTHER_PER_POSITION if outside_trains else OTHER_PER_POSITION_FROZEN
     lines.append(MemoryLine("activations other", positions * k * elem * cfg.lm.hidden_size,

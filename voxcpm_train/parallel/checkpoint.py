@@ -18,6 +18,9 @@ same naming megatron uses for the non-distributed optimizer and for the distribu
 ``fully_reshardable`` format. Non-tensor optimizer state (param groups) is not stored: it comes
 from the OptimizerConfig and the scheduler; the Adam step is stored in ``extra_state.json``.
 This also sidesteps megatron-core 0.16 pitfalls (see docs/platform.md).
+
+Parameters marked ``optional_in_checkpoint`` (LoRA adapters) may be absent from a checkpoint
+(a base model): they are then left as initialised and listed in ``LoadResult.missing_optional``.
 """
 
 from __future__ import annotations
