@@ -1,7 +1,7 @@
 """`voxcpm-train`: the Hydra app. `voxcpm-train experiment=demo run.dir=runs/x train.max_steps=20`.
 
 Config tree: the repository's configs/ (groups model, data, parallel, optim, stage, platform, logging,
-checkpoint, experiment), installed with the package as `voxcpm_train.configs` so the command works from
+checkpoint, peft, experiment), installed with the package as `voxcpm_train.configs` so the command works from
 any directory; add your own tree with `--config-dir DIR` (see docs/launch.md). Launch one process per
 device (torchrun / srun).
 """

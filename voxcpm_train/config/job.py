@@ -18,6 +18,7 @@ from voxcpm_train.config.checkpoint import CheckpointConfig
 from voxcpm_train.config.logging import LoggingConfig
 from voxcpm_train.config.optim import OptimConfig
 from voxcpm_train.config.parallel import ParallelConfig
+from voxcpm_train.config.peft import PeftConfig
 from voxcpm_train.config.platform import PlatformConfig
 from voxcpm_train.config.stage import StageConfig
 
@@ -66,6 +67,7 @@ class JobConfig:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)   # configs/peft/*.yaml: LoRA, frozen modules
 
 
 def register() -> None:
@@ -125,6 +127,9 @@ def validate_job_config(cfg, check_model: bool = True) -> None:
     check(bool(cfg.run.dir), "run.dir must be set")
     if check_model:
         validate_model_config(cfg.model, "model")
+    from voxcpm_train.config.peft import validate_peft_config
+
+    validate_peft_config(cfg.peft)
     check(getattr(cfg.data, "validation_path", None) is None or cfg.logging.val_every > 0,
           "data.validation_path is set but logging.val_every=0 (validation off)")
 

@@ -20,6 +20,11 @@ class OptimConfig:
     # per-module LR multipliers: name prefix of a parameter (below the model) -> multiplier,
     # e.g. {feat_decoder: 2.0}; applied through megatron's param-group overrides (max_lr/min_lr)
     lr_mult: Dict[str, float] = field(default_factory=dict)
+    # megatron's optimizer CPU offload (HybridDeviceOptimizer): fp32 main params + Adam state of the
+    # trainable parameters live in host memory and the Adam step runs there (`offload_fraction` of
+    # them); needs parallel.use_distributed_optimizer and a cuda/npu platform. docs/lora.md
+    cpu_offload: bool = False
+    offload_fraction: float = 1.0
 
 
 PRECISION_CHOICES = ("auto", "bf16", "fp32")

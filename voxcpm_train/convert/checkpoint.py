@@ -230,7 +230,8 @@ def _recorded_latents_vae(ckpt_dir: Path) -> Optional[dict]:
     return extra.get("latents_vae")
 
 
-def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_config=None) -> Path:
+def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_config=None,
+                      lora: str = "merge") -> Path:
     """Write the reference folder ``dst`` from the checkpoint ``src`` (model weights only).
 
     ``assets``: a reference folder (or an import's ``hf_assets``) for config.json extras, the
@@ -238,12 +239,21 @@ def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_
     latents were encoded with (recorded in a training checkpoint's extra_state.json), else
     ``ConversionError``. ``dtype``: of ``model.safetensors``;
     default the dtype the checkpoint stores. ``model_config`` overrides ``<src>/config.yaml``.
+    ``lora`` (checkpoints of a LoRA run, see :mod:`voxcpm_train.convert.lora`): ``merge`` writes the
+    adapters merged into the weights, ``adapter`` only the adapter folder the reference loads.
     """
+    from voxcpm_train.convert import lora as lora_export
+    from voxcpm_train.model.lora import merged_state_dict
     from voxcpm_train.parallel.checkpoint import load_checkpoint
     from voxcpm_train.training.vae_provenance import check_export_vae
 
     src, dst = Path(src), Path(dst)
     config = model_config if model_config is not None else read_checkpoint_config(src)
+    if lora not in lora_export.LORA_EXPORTS:
+        raise ConversionError(f"lora={lora!r} is not one of {lora_export.LORA_EXPORTS}")
+    peft = lora_export.read_checkpoint_peft(src)
+    if lora == "adapter":
+        return lora_export.export_adapter(src, dst, config, peft, dtype=dtype)
     assets_dir = Path(assets) if assets is not None else src / ASSETS_DIR
     if not (assets_dir / CONFIG_FILE).is_file():
         raise ConversionError(
@@ -256,8 +266,12 @@ def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_
         dtype = _checkpoint_dtype(src / "model") or "float32"
     with single_process_megatron():
         model = build_model(config)
-        load_checkpoint(src, [model], optimizer=None, load_rng=False)
-        ours = {k: v for k, v in model.state_dict().items() if not k.endswith(_EXTRA_STATE)}
+        adapted = lora_export.add_checkpoint_adapters(model, peft)
+        loaded = load_checkpoint(src, [model], optimizer=None, load_rng=False)
+        if adapted:  # W + (alpha / r)·B@A
+            lora_export.check_loaded(loaded, src)
+        sd = merged_state_dict(model) if adapted else model.state_dict()
+        ours = {k: v for k, v in sd.items() if not k.endswith(_EXTRA_STATE)}
     ref = ours_to_reference([[ours]], config)
     out = ReferenceFolder(
         config=export_reference_config(config, assets_folder.config),

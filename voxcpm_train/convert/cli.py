@@ -81,13 +81,21 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--model-config", default=None, help="model preset name or YAML (default: SRC/config.yaml)"
     )
+    parser.add_argument(
+        "--lora",
+        choices=("merge", "adapter"),
+        default="merge",
+        help="checkpoints of a LoRA run (peft=lora): merge the adapters into the weights (default), or write "
+        "only the adapter folder (lora_weights.safetensors + lora_config.json) for voxcpm's lora_weights_path",
+    )
     args = parser.parse_args(argv)
     _setup()
     from voxcpm_train.convert.checkpoint import export_checkpoint
 
     return _convert(
         "voxcpm-export",
-        lambda config: export_checkpoint(args.src, args.dst, assets=args.assets, dtype=args.dtype, model_config=config),
+        lambda config: export_checkpoint(args.src, args.dst, assets=args.assets, dtype=args.dtype, model_config=config,
+                                         lora=args.lora),
         args.model_config,
     )
 

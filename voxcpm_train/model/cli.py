@@ -1,4 +1,5 @@
-"""`voxcpm-model info --model PRESET [--json]`: per-component parameter counts of a model preset."""
+"""`voxcpm-model info --model PRESET [--json]`: per-component parameter counts of a model preset;
+`--memory` adds the estimated training memory of one device (voxcpm_train.model.memory, docs/lora.md)."""
 
 from __future__ import annotations
 
@@ -16,21 +17,68 @@ def _init_single_process() -> None:
     init_single_process()
 
 
-def info(preset: str, overrides: List[str], as_json: bool) -> int:
+def load_peft_preset(name_or_path: str, overrides: Optional[List[str]] = None):
+    """`configs/peft/<name>.yaml` (or a YAML path) as a validated PeftConfig."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from voxcpm_train.config.model import ConfigError
+    from voxcpm_train.config.peft import PeftConfig, validate_peft_config
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path(__file__).resolve().parents[2] / "configs" / "peft" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"peft preset {name_or_path!r}: file {path} not found")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PeftConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as err:  # omegaconf names the key
+        raise ConfigError(f"peft preset {path}: {err}") from err
+    peft = OmegaConf.to_object(merged)
+    validate_peft_config(peft)
+    return peft
+
+
+def info(preset: str, overrides: List[str], as_json: bool, memory: Optional[dict] = None) -> int:
     from voxcpm_train.config.model import load_model_preset
 
     cfg = load_model_preset(preset, overrides)
+    peft = load_peft_preset(memory["peft"], memory["peft_overrides"]) if memory else None
     _init_single_process()
     from voxcpm_train.model.params import meta_model_parameter_counts
 
     counts = meta_model_parameter_counts(cfg)
+    est = None
+    if memory:
+        from voxcpm_train.model.memory import estimate_training_memory
+
+        est = estimate_training_memory(
+            cfg, peft, row_tokens=memory["row_tokens"], micro_batch_size=memory["micro_batch_size"],
+            precision=memory["precision"], recompute=memory["recompute"], cpu_offload=memory["cpu_offload"],
+            offload_fraction=memory["offload_fraction"], audio_fraction=memory["audio_fraction"],
+            loss_fraction=memory["loss_fraction"],
+        )
     if as_json:
-        print(json.dumps({"model": preset, "parameters": counts}, indent=2))
-    else:
-        width = max(len(k) for k in counts)
-        print(f"model {preset} ({cfg.architecture})")
-        for name, n in counts.items():
-            print(f"  {name:<{width}}  {n:>15,}")
+        out = {"model": preset, "parameters": counts}
+        if est is not None:
+            out["memory"] = {"settings": memory, **est.as_dict()}
+        print(json.dumps(out, indent=2))
+        return 0
+    width = max(len(k) for k in counts)
+    print(f"model {preset} ({cfg.architecture})")
+    for name, n in counts.items():
+        print(f"  {name:<{width}}  {n:>15,}")
+    if est is not None:
+        from voxcpm_train.model.memory import format_estimate
+
+        m = memory
+        print(f"training memory of one device (estimate; peft={m['peft']}{' ' + ' '.join(m['peft_overrides']) if m['peft_overrides'] else ''}, "
+              f"{m['micro_batch_size']} x {m['row_tokens']} positions, {m['precision']}, recompute={m['recompute']}, "
+              f"cpu_offload={m['cpu_offload']}; docs/lora.md):")
+        print(f"  trainable parameters {est.trainable:,} of {est.parameters:,}")
+        print(format_estimate(est, m["gpu_gib"]))
     return 0
 
 
@@ -41,11 +89,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_info.add_argument("--model", required=True, help="preset name in configs/model/ or a YAML path")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.add_argument("overrides", nargs="*", help="dotlist overrides without the model. prefix, e.g. lm.num_layers=4")
+    mem = p_info.add_argument_group("--memory: estimated training memory of one device (TP = PP = DP = 1)")
+    mem.add_argument("--memory", action="store_true", help="add the training-memory estimate")
+    mem.add_argument("--peft", default="none", help="peft preset in configs/peft/ or a YAML path (default: none)")
+    mem.add_argument("--peft-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="peft override without the peft. prefix, e.g. lora.rank=16 (repeatable)")
+    mem.add_argument("--row-tokens", type=int, default=2048, help="positions per row (data.row_tokens; default 2048)")
+    mem.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch (parallel.micro_batch_size)")
+    mem.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="optim.precision (default bf16)")
+    mem.add_argument("--recompute", choices=("none", "selective", "full"), default="none", help="parallel.recompute")
+    mem.add_argument("--cpu-offload", action="store_true", help="optim.cpu_offload (megatron HybridDeviceOptimizer)")
+    mem.add_argument("--offload-fraction", type=float, default=1.0, help="optim.offload_fraction (default 1.0)")
+    mem.add_argument("--audio-fraction", type=float, default=1.0,
+                     help="share of positions that are audio (LocEnc input; default 1.0, an upper bound)")
+    mem.add_argument("--loss-fraction", type=float, default=1.0,
+                     help="share of positions that carry the loss (LocDiT input; default 1.0, an upper bound)")
+    mem.add_argument("--gpu-gib", type=float, default=None, help="print whether the estimate fits this many GiB")
     args = parser.parse_args(argv)
     from voxcpm_train.config.model import ConfigError
 
+    memory = None
+    if args.memory:
+        memory = {"peft": args.peft, "peft_overrides": args.peft_set, "row_tokens": args.row_tokens,
+                  "micro_batch_size": args.micro_batch_size, "precision": args.precision, "recompute": args.recompute,
+                  "cpu_offload": args.cpu_offload, "offload_fraction": args.offload_fraction,
+                  "audio_fraction": args.audio_fraction, "loss_fraction": args.loss_fraction, "gpu_gib": args.gpu_gib}
     try:
-        return info(args.model, args.overrides, args.json)
+        return info(args.model, args.overrides, args.json, memory)
     except ConfigError as err:
         print(f"voxcpm-model: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,9 @@ same naming megatron uses for the non-distributed optimizer and for the distribu
 ``fully_reshardable`` format. Non-tensor optimizer state (param groups) is not stored: it comes
 from the OptimizerConfig and the scheduler; the Adam step is stored in ``extra_state.json``.
 This also sidesteps megatron-core 0.16 pitfalls (see docs/platform.md).
+
+Parameters marked ``optional_in_checkpoint`` (LoRA adapters) may be absent from a checkpoint
+(a base model): they are then left as initialised and listed in ``LoadResult.missing_optional``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import os
 import random
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,9 @@ class LoadResult:
     rng_restored: bool
     saved_layout: dict
     optimizer_loaded: bool
+    # state-dict keys of parameters marked `optional_in_checkpoint` (LoRA adapters) that the
+    # checkpoint lacks: left as initialised (e.g. adapters on a base model's weights)
+    missing_optional: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- layout / helpers
@@ -437,10 +443,16 @@ def load_checkpoint(
             _prune(tree, lambda leaf: id(leaf) not in from_model)
         request["optimizer_tensors"] = [leaf for leaf in flat if id(leaf) not in from_model]
     leaf_ids = [id(leaf) for leaf in request.get("optimizer_tensors", [])]  # load edits in place
+    missing_optional = _drop_missing_optional(request["model"], model_dir)
 
     with safe_dcp_reading():
         loaded = dist_checkpointing.load(request, model_dir)
-    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"], strict=strict)
+    result = unwrap_model(model_chunks[0]).load_state_dict(loaded["model"], strict=strict and not missing_optional)
+    if strict and missing_optional:
+        unexpected = list(result.unexpected_keys)
+        missing = sorted(set(result.missing_keys) - set(missing_optional))
+        if missing or unexpected:
+            raise RuntimeError(f"{ckpt_dir}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if weights_only_into is not None:
         for opt in inner_optimizers(weights_only_into):
             opt.reload_model_params()
@@ -486,7 +498,32 @@ def load_checkpoint(
                     meta["layout"], _layout())
     dist.barrier()
     return LoadResult(meta["extra"], rank_state, rng_restored, meta["layout"],
-                      optimizer is not None)
+                      optimizer is not None, missing_optional)
+
+
+def _drop_missing_optional(model_request: dict, model_dir: str) -> list:
+    """Remove from the (flat) model request the tensors of parameters marked
+    `optional_in_checkpoint` when the checkpoint holds none of them (a base model under new LoRA
+    adapters); returns their state-dict keys. Holding only some of them is an error."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    optional = {k: v for k, v in model_request.items()
+                if isinstance(v, ShardedBase) and getattr(getattr(v, "data", None), "optional_in_checkpoint", False)}
+    if not optional:
+        return []
+    with safe_dcp_reading():
+        available = set(dist_checkpointing.load_tensors_metadata(model_dir).keys())
+    dropped = sorted(k for k, v in optional.items() if v.key not in available)
+    if dropped and len(dropped) < len(optional):  # a checkpoint of other adapters, not a base model
+        raise KeyError(f"{model_dir}: holds some of this model's adapter tensors but not {dropped[:5]}"
+                       f"{' ...' if len(dropped) > 5 else ''} (LoRA targets changed?)")
+    for k in dropped:
+        del model_request[k]
+    if dropped:
+        logger.info("%d optional tensors (e.g. %s) are not in the checkpoint: kept as initialised",
+                    len(dropped), dropped[0])
+    return dropped
 
 
 _MAIN_PARAM_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")

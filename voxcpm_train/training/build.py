@@ -32,12 +32,37 @@ def lr_mult_overrides(job, opt_config) -> dict:
     return overrides
 
 
+def cpu_offload_options(job, platform) -> dict:
+    """megatron `OptimizerConfig` fields of `optim.cpu_offload` (HybridDeviceOptimizer: fp32 main params
+    and Adam state of `optim.offload_fraction` of the trainable parameters in host memory, Adam step on
+    the CPU), or {} when off. Raises ConfigError where megatron-core 0.16.1 cannot do it."""
+    o = job.optim
+    if not o.cpu_offload:
+        return {}
+    if platform.is_cpu:
+        raise ConfigError("optim.cpu_offload=true needs an accelerator (platform.device=cuda|npu): on the cpu "
+                          "platform the optimizer state is in host memory already")
+    if not job.parallel.use_distributed_optimizer:
+        raise ConfigError("optim.cpu_offload=true needs parallel.use_distributed_optimizer=true (megatron-core "
+                          "offloads the distributed optimizer's shards)")
+    if not 0.0 < o.offload_fraction <= 1.0:
+        raise ConfigError(f"optim.offload_fraction={o.offload_fraction} must be in (0, 1]")
+    from megatron.core.utils import get_te_version
+
+    if get_te_version() is None:   # megatron's precision-aware optimizer path checks the TE version
+        raise ConfigError("optim.cpu_offload=true needs Transformer Engine (megatron-core 0.16.1 offloads "
+                          "through its precision-aware optimizer, which requires TE >= 2.1)")
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=float(o.offload_fraction),
+                use_precision_aware_optimizer=True)
+
+
 def build_model_and_optimizer(job, platform):
     """This rank's DDP model chunks and the megatron optimizer (stage LR range, `optim.lr_mult` groups)."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
     from voxcpm_train.model import VoxCPMModel
+    from voxcpm_train.model.lora import apply_peft
     from voxcpm_train.parallel.model import build_model_chunks
     from voxcpm_train.parallel import optim as popt
 
@@ -52,9 +77,14 @@ def build_model_and_optimizer(job, platform):
     # in fp32, fp32 Adam state in megatron's optimizer) or fp32 throughout
     model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16" if bf16 else "float32")
 
+    peft_summaries = []
+
     def provider(pre_process: bool, post_process: bool):
-        return VoxCPMModel(model_cfg, pre_process=pre_process, post_process=post_process,
-                           sequence_parallel=bool(p.sequence_parallel))
+        model = VoxCPMModel(model_cfg, pre_process=pre_process, post_process=post_process,
+                            sequence_parallel=bool(p.sequence_parallel))
+        # LoRA adapters and frozen modules (peft config), before DDP: frozen params get no grad buffer
+        peft_summaries.append(apply_peft(model, job.peft, seed=job.train.seed))
+        return model
 
     _check_overlap(job)
     ddp_config = DistributedDataParallelConfig(
@@ -65,6 +95,7 @@ def build_model_and_optimizer(job, platform):
     )
     chunks = build_model_chunks(provider, ddp_config, device=platform.device,
                                 param_dtype=torch.bfloat16 if bf16 else torch.float32)
+    _check_peft(peft_summaries, job)
     max_lr, min_lr = stage_lrs(job)
     o = job.optim
     opt_config = OptimizerConfig(
@@ -72,6 +103,7 @@ def build_model_and_optimizer(job, platform):
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=bool(p.use_distributed_optimizer),
+        **cpu_offload_options(job, platform),
     )
     overrides = lr_mult_overrides(job, opt_config)
     optimizer = popt.build_optimizer(opt_config, chunks, config_overrides=overrides)
@@ -103,3 +135,25 @@ def _check_lr_mult_names(chunks, job) -> None:
         if not any_rank(hit):
             raise ConfigError(f"optim.lr_mult.{prefix}: no model parameter is named {prefix}.* "
                               f"(top-level modules e.g. feat_decoder, feat_encoder, base_lm, residual_lm)")
+
+
+def _check_peft(summaries, job) -> None:
+    """A `peft` entry that names nothing on any rank, or nothing left to train, is a config error;
+    logs what is trained."""
+    import logging
+
+    from voxcpm_train.config.peft import LORA_PROJECTIONS
+
+    entries = [f"peft.freeze: {prefix}" for prefix in job.peft.freeze]
+    if job.peft.uses_lora:
+        entries += [f"peft.lora.projections: {name}" for name in job.peft.lora.projections]
+    unmatched = {u for s in summaries for u in s.unmatched}
+    for entry in entries:
+        if not any_rank(entry not in unmatched):
+            raise ConfigError(f"{entry}: names no model parameter (top-level modules e.g. feat_encoder, "
+                              f"base_lm, residual_lm, feat_decoder; LoRA projections {LORA_PROJECTIONS})")
+    if not any_rank(sum(s.trainable for s in summaries) > 0):
+        raise ConfigError("peft: every parameter is frozen (peft.freeze covers the whole model)")
+    if job.peft.method != "none" or job.peft.freeze:
+        for s in summaries:
+            logging.getLogger("voxcpm_train").info(f"peft ({job.peft.method}): {s.describe()}")
