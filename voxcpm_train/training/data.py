@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from voxcpm_train.config.model import ConfigError
+from voxcpm_train.training.flops import BatchShape, training_flops
 
 
 def reads_data(tp_rank: int) -> bool:
@@ -147,8 +148,10 @@ class TrainData:
         if n_tok > job.model.vocab_size:
             raise ConfigError(f"model.vocab_size={job.model.vocab_size} is smaller than the {n_tok} tokens of "
                               f"data.tokenizer_path={cfg.tokenizer_path}")
+        self.model_cfg = job.model
         self.positions = 0
         self.segments = 0          # packed samples (utterances) served
+        self.model_flops = 0       # training FLOPs of the micro-batches served (readers only: CPU batches)
         self.reads = 0             # micro-batches this rank read from its own loader
 
     def __iter__(self):
@@ -159,6 +162,7 @@ class TrainData:
         if self.is_reader:
             batch = next(self.loader)
             self.reads += 1
+            self.model_flops += training_flops(self.model_cfg, BatchShape.of_batch(batch))
         if self._bcast is not None:
             batch = self._bcast(batch)
         seg = batch.get("segment_ids")
@@ -171,6 +175,10 @@ class TrainData:
 
     def segment_counter(self) -> int:
         return self.segments
+
+    def flops_counter(self) -> int:
+        """Model FLOPs (fwd + bwd, `training.flops`) of the micro-batches read here; 0 on non-readers."""
+        return self.model_flops
 
     def state_dict(self) -> dict:
         """The loader state (JSON-serialisable), the reader's on every rank of the TP group."""

@@ -227,14 +227,13 @@ class Trainer:
 
         from voxcpm_train.parallel.step import train_step
         from voxcpm_train.training.forward import make_forward_step
-        from voxcpm_train.training.flops import flops_per_position, peak_flops_per_device
+        from voxcpm_train.training.flops import peak_flops_per_device
 
         job = self.job
         stopper = StopSignal()
         forward_step = make_forward_step(job.model, self.platform.device)
         seq_len = self.data.seq_length
         mbs = job.parallel.micro_batch_size
-        fpp = flops_per_position(job.model, seq_len)
         peak = peak_flops_per_device(job.logging.peak_tflops)
         world = self.env.world_size
         last_saved = self.step if self.resume_dir is not None and self.step > 0 else None
@@ -247,6 +246,7 @@ class Trainer:
             t0 = time.time()
             lr = get_canonical_lr_for_logging(self.optimizer.param_groups)
             counter, seg_counter = self.data.position_counter(), self.data.segment_counter()
+            flops_counter = self.data.flops_counter()
             res = train_step(forward_step, self.data, self.model_chunks, self.optimizer, self.scheduler,
                              num_microbatches=self.num_microbatches, seq_length=2 * seq_len,
                              micro_batch_size=mbs, increment=self.gbs)
@@ -255,8 +255,9 @@ class Trainer:
             self.skipped_total += int(res.skipped)
             dt = time.time() - t0
             steps_done += 1
-            tokens = self._global_sum(self.data.position_counter() - counter)
-            utterances = self._global_sum(self.data.segment_counter() - seg_counter)
+            tokens, utterances, model_flops = self._global_sums(          # of this step's micro-batches
+                self.data.position_counter() - counter, self.data.segment_counter() - seg_counter,
+                self.data.flops_counter() - flops_counter)
             n = max(res.num_tokens, 1)
             rec = {
                 "step": self.step, "loss": res.loss,
@@ -268,7 +269,8 @@ class Trainer:
                 "loss_positions": res.num_tokens,
                 "consumed_samples": self.consumed_samples, "global_batch_size": self.gbs,
                 "stage": self.start.name, "max_steps": job.train.max_steps, "step_time_s": dt,
-                "mfu": (fpp * tokens / dt / (peak * world)) if peak else None,
+                "model_tflops_per_s": model_flops / dt / 1e12,
+                "mfu": (model_flops / dt / (peak * world)) if peak else None,
             }
             eta = (time.time() - t_start) / steps_done * (job.train.max_steps - self.step)
             self.metrics.log_step(rec, eta, console=(self.step % job.logging.log_every == 0
@@ -299,13 +301,13 @@ class Trainer:
         self.finish(plot=job.logging.loss_plot)
         return "done"
 
-    def _global_sum(self, local: int) -> int:
-        """Sum of a per-rank count over the data-parallel ranks (the first TP/PP rank of each counts)."""
-        t = torch.tensor([float(local) if (self.ps.get_tensor_model_parallel_rank() == 0
-                                           and self.ps.get_pipeline_model_parallel_rank() == 0) else 0.0],
-                         device=comm_device())
+    def _global_sums(self, *local: int) -> list:
+        """Sums of per-rank counts over the data-parallel ranks (the first TP/PP rank of each counts), in one
+        all-reduce."""
+        counts = (self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_pipeline_model_parallel_rank() == 0)
+        t = torch.tensor([int(x) if counts else 0 for x in local], dtype=torch.int64, device=comm_device())
         dist.all_reduce(t)
-        return int(t.item())
+        return [int(x) for x in t.tolist()]
 
     def validate(self):
         from voxcpm_train.training.evaluate import validation_loss
