@@ -93,6 +93,7 @@ def test_activation_estimate_matches_saved_tensors(megatron_single, peft, recomp
     from voxcpm_train.model import VoxCPMModel
     from voxcpm_train.model.lora import apply_peft
     from voxcpm_train.model.memory import activation_lines
+    from voxcpm_train.training.flops import BatchShape
 
     cfg = _mid_config(recompute)
     for rows, T in ((2, 64), (1, 256)):
@@ -104,7 +105,8 @@ def test_activation_estimate_matches_saved_tensors(megatron_single, peft, recomp
         N = batch["text_mask"].numel()
         lines = activation_lines(cfg, peft, T, rows, elem=2, recompute=recompute or "none",
                                  audio_fraction=float(batch["audio_mask"].sum()) / N,
-                                 loss_fraction=float(batch["loss_mask"].sum()) / N)
+                                 loss_fraction=float(batch["loss_mask"].sum()) / N,
+                                 max_seqlen=max(BatchShape.of_batch(batch, include_padding=True).sequence_lengths))
         est = {line.name.split()[-1]: line.bytes for line in lines if line.name.startswith("activations")}
         for stack in ("feat_encoder", "base_lm", "residual_lm", "feat_decoder"):
             got, want = est[stack], measured.get(stack, 0)

@@ -142,10 +142,12 @@ _FORWARD_ORDER = ("feat_encoder", "base_lm", "residual_lm", "feat_decoder")
 
 def activation_lines(cfg: ModelConfig, peft: PeftConfig, row_tokens: int, micro_batch_size: int = 1, *,
                      elem: int = 2, recompute: str = "none", audio_fraction: float = 1.0,
-                     loss_fraction: float = 1.0) -> List[MemoryLine]:
+                     loss_fraction: float = 1.0, max_seqlen: Optional[int] = None) -> List[MemoryLine]:
     """Activation bytes per stack of one micro-batch of `micro_batch_size` rows x `row_tokens` positions
     (`MemoryLine`s). Stacks whose weights train or that hold adapters store activations, frozen ones
-    only if a gradient flows through them."""
+    only if a gradient flows through them. `max_seqlen`: the longest packed sample (padding runs count);
+    the SDPA THD path masks chunks of that many keys (None: `row_tokens`, the upper bound and what the
+    dense mask of `model.packed_seq_format=dense_mask` costs)."""
     shapes = _stack_shapes(cfg)
     lora = peft.lora if peft.uses_lora else None
     positions = row_tokens * micro_batch_size
@@ -171,12 +173,15 @@ def activation_lines(cfg: ModelConfig, peft: PeftConfig, row_tokens: int, micro_
         rank = lora.group_rank(stack) if adapters else 0
         rope = not (stack == "residual_lm" and cfg.residual_lm_no_rope)
         masked = stack in ("base_lm", "residual_lm")           # causal + segment mask; LocEnc/LocDiT: none
-        per_layer = layer_activation_bytes(s, elem, trains, adapters, rank, rope, row_tokens if masked else 0)
+        mask_keys = row_tokens if cfg.packed_seq_format == "dense_mask" else (max_seqlen or row_tokens)
+        per_layer = layer_activation_bytes(s, elem, trains, adapters, rank, rope, mask_keys if masked else 0)
         final_norm = norm_activation_bytes(s.hidden, elem, trains)
         if recompute == "full" and masked:
-            # checkpointed per layer: its input; once (TSLM and RALM share them): the bool segment mask
-            # [B, 1, T, T] and the fp32 RoPE cos/sin [2, T, B, 1, d]
-            shared = micro_batch_size * row_tokens ** 2 + 8 * s.head_dim * positions if stack == "base_lm" else 0
+            # checkpointed per layer: its input; once (TSLM and RALM share them): the fp32 RoPE cos/sin
+            # [2, T, B, 1, d] and, with model.packed_seq_format=dense_mask, the bool segment mask [B, 1, T, T]
+            # (the THD layout keeps only the segment boundaries)
+            dense = micro_batch_size * row_tokens ** 2 if cfg.packed_seq_format == "dense_mask" else 0
+            shared = dense + 8 * s.head_dim * positions if stack == "base_lm" else 0
             lines.append(MemoryLine(f"activations {stack}", n * (s.layers * elem * s.hidden + final_norm) + shared,
                                     f"{n:,} tokens x ({s.layers} layer inputs x {elem * s.hidden} B + norm {final_norm} B)"
                                     f" + mask/rope {shared:,} B"))
