@@ -15,7 +15,7 @@ import torch
 
 from test_lora_export import _effective_weights, _reference, _reference_forward, _reference_with_adapter
 from test_model_parity import max_rel
-from test_train_utils import REPO, _env, checkpoints, demo_latents, metrics, run_train, start_train, wait_for_step  # noqa: F401
+from test_train_utils import REPO, _env, checkpoints, demo_latents, metrics, run_train, start_train, wait_for_step, write_reference_folder  # noqa: F401
 
 STEPS = 6
 KEYS = ("loss", "loss_diff", "loss_stop", "grad_norm", "lr", "skipped")
@@ -23,12 +23,10 @@ KEYS = ("loss", "loss_diff", "loss_stop", "grad_norm", "lr", "skipped")
 
 @pytest.fixture(scope="module")
 def base_import(tmp_path_factory):
-    """A random reference folder of the demo model (tiny, vocab 1280) and its `voxcpm-import`."""
-    from voxcpm_train.config.model import load_model_preset
-    from voxcpm_train.convert.tiny import write_random_reference_folder
-
+    """A random reference folder of the demo model (tiny, vocab 1280; the AudioVAE demo_latents were encoded
+    with) and its `voxcpm-import`."""
     root = tmp_path_factory.mktemp("lora_train")
-    ref = write_random_reference_folder(root / "ref", load_model_preset("tiny", ["vocab_size=1280"]), seed=11)
+    ref = write_reference_folder(root / "ref", seed=11)
     proc = subprocess.run([sys.executable, "-m", "voxcpm_train.convert.cli", "import", str(ref), str(root / "import")],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
