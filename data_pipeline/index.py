@@ -72,6 +72,11 @@ class StringColumn:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def get_many(self, idx: np.ndarray) -> list[str]:
+        idx = np.asarray(idx, dtype=np.int64)
+        mv = memoryview(self.data)
+        return [bytes(mv[a:b]).decode("utf-8") for a, b in zip(self.offsets[idx].tolist(), self.offsets[idx + 1].tolist())]
+
 
 def encode_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(offsets [n+1] int64, bytes uint8) of `strings`."""
@@ -375,6 +380,11 @@ class TokenStore:
 
     def get(self, g: int) -> np.ndarray:
         return self.ids[self.offsets[g]:self.offsets[g + 1]]
+
+    def get_many(self, g: np.ndarray) -> list[list[int]]:
+        g = np.asarray(g, dtype=np.int64)
+        ids = self.ids
+        return [ids[a:b].tolist() for a, b in zip(self.offsets[g].tolist(), self.offsets[g + 1].tolist())]
 
 
 _TOKENIZERS: dict = {}

@@ -178,8 +178,8 @@ class BatchPlanner:
         joined: list = [None] * len(idx)
         cont = np.flatnonzero(wants_prompt)
         if len(cont):       # the reference tokenizes prompt_text + text as one string
-            ids = self.tok.batch([ds.plain_text(int(prompt[k])) + ds.plain_text(int(idx[k])) for k in cont])
-            for k, x in zip(cont, ids):
+            ids = self.tok.batch([p + t for p, t in zip(ds.plain_texts(prompt[cont]), ds.plain_texts(idx[cont]))])
+            for k, x in zip(cont.tolist(), ids):
                 joined[k] = x
                 n_text[k] = len(x)
         length = n_text + 2 + a + np.where(wants_ref, r + 2, 0) + q
@@ -196,51 +196,64 @@ class BatchPlanner:
         n = self.cfg.window_samples
         picks = rng.choice(len(self.datasets), size=n, p=self.weights)
         u = rng.random((n, 3))
-        drawn = {}
+        idx, lay, ref, prompt, length = (np.empty(n, np.int64) for _ in range(5))
+        joined: list = [None] * n
         for d in np.unique(picks).tolist():
             pos = np.flatnonzero(picks == d)
             c = self.state["cursors"][d] + np.arange(len(pos), dtype=np.int64)
             self.state["cursors"][d] = int(self.state["cursors"][d] + len(pos))
             size = len(self.datasets[d])
             epoch = c // size
-            idx = np.empty(len(pos), np.int64)
             for e in np.unique(epoch).tolist():
                 m = epoch == e
-                idx[m] = self._order(d, e)[c[m] % size]
-            drawn[d] = (pos, idx, self._draw_dataset(d, idx, u[pos]))
-        slot = np.empty(n, np.int64)          # pick k = the slot[k]-th draw of dataset picks[k]
-        for d, (pos, _, _) in drawn.items():
-            slot[pos] = np.arange(len(pos))
+                idx[pos[m]] = self._order(d, e)[c[m] % size]
+            lay[pos], ref[pos], prompt[pos], length[pos], jd = self._draw_dataset(d, idx[pos], u[pos])
+            for j, x in zip(pos.tolist(), jd):
+                joined[j] = x
+        kept = np.flatnonzero(length >= 0)
+        self.state["dropped"] += int(n - len(kept))
+        text = [None] * n
+        for d in np.unique(picks[kept]).tolist():          # stored token ids of the non-joined texts
+            k = kept[(picks[kept] == d) & np.asarray([joined[j] is None for j in kept.tolist()], bool)]
+            for j, ids in zip(k.tolist(), self.datasets[d].text_ids_many(idx[k])):
+                text[j] = ids
         out = []
-        for k, d in enumerate(picks.tolist()):
-            _, idx, (lay, ref, prompt, length, joined) = drawn[d]
-            j = slot[k]
-            if length[j] < 0:
-                self.state["dropped"] += 1
-                continue
-            i = int(idx[j])
-            text_ids = joined[j] if joined[j] is not None else self.datasets[d].text_ids(i)
-            out.append(Sample(d, i, LAYOUTS[int(lay[j])], int(ref[j]), int(prompt[j]), int(length[j]),
-                              list(map(int, text_ids))))
+        for j, d, i, la, r, q, L in zip(kept.tolist(), picks[kept].tolist(), idx[kept].tolist(), lay[kept].tolist(),
+                                        ref[kept].tolist(), prompt[kept].tolist(), length[kept].tolist()):
+            out.append(Sample(d, i, LAYOUTS[la], r, q, L, joined[j] if joined[j] is not None else text[j]))
         return out
 
     # -- grouping -----------------------------------------------------------------------------------
     def _pack_rows(self, samples: list[Sample]) -> list[list[Sample]]:
-        """First-fit decreasing into rows of `row_tokens` positions."""
+        """First-fit decreasing into rows of `row_tokens` positions (ties in draw order). Samples of equal
+        length are placed together: first fit puts a run of equal items into the first row that holds
+        one until it is full, then the next, then new rows — the same rows as one item at a time."""
         cap = self.cfg.row_tokens
-        order = sorted(range(len(samples)), key=lambda i: (-samples[i].length, i))
-        free = np.empty(0, np.int64)
+        lengths = np.fromiter((x.length for x in samples), np.int64, len(samples))
+        order = np.lexsort((np.arange(len(samples)), -lengths))
+        sl = lengths[order]
+        starts = np.flatnonzero(np.r_[True, sl[1:] != sl[:-1]]) if len(sl) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(sl)].astype(np.int64)
+        free = np.zeros(len(samples), np.int64)           # free positions of row j (first n_rows used)
         rows: list[list[Sample]] = []
-        for i in order:
-            L = samples[i].length
-            fits = np.flatnonzero(free >= L)
-            if len(fits):
-                j = int(fits[0])
-                free[j] -= L
-                rows[j].append(samples[i])
-            else:
-                rows.append([samples[i]])
-                free = np.append(free, cap - L)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            L, items = int(sl[a]), [samples[i] for i in order[a:b].tolist()]
+            p = 0
+            fit = np.flatnonzero(free[:len(rows)] >= L)
+            if len(fit):
+                take = free[fit] // L
+                before = np.cumsum(take) - take
+                used = np.minimum(take, np.maximum(len(items) - before, 0))
+                for j, k in zip(fit[used > 0].tolist(), used[used > 0].tolist()):
+                    rows[j].extend(items[p:p + k])
+                    free[j] -= k * L
+                    p += k
+            per_row = cap // L
+            while p < len(items):
+                k = min(per_row, len(items) - p)
+                free[len(rows)] = cap - k * L
+                rows.append(items[p:p + k])
+                p += k
         return rows
 
     def _bucket_batches(self, samples: list[Sample]) -> list[list[list[Sample]]]:
