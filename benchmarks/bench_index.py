@@ -4,7 +4,7 @@
 
 1. Synthesizes a latent folder of N samples as `voxcpm-data encode` writes it: units of 2,000 samples,
    each a `<unit>.index.json` sidecar (realistic lengths: lognormal durations 0.5-30 s around 5.5 s, text
-   ~2.7 words/s or ~4.5 CJK characters/s from the demo corpus' vocabulary; ~N/50 speakers; 6 languages
+   ~2.7 words/s or ~4.5 CJK characters/s, windows of the demo corpus' running text; ~N/50 speakers; 6 languages
    with Emilia-like shares; dnsmos ~ N(3.3, 0.2); 1 % voice-design descriptions) and a tiny tar (one
    shared latent, hard-linked) that every entry points at (the benchmark plans, it does not read audio).
 2. Index build: `voxcpm-data index DIR --tokenizer demo_data/tokenizer` (sidecars -> index.npz, then
@@ -12,7 +12,9 @@
 3. One rank, in a fresh process, twice: with the index files evicted from the page cache (cold; posix_fadvise
    DONTNEED) and again (warm): loader start-up = `VoxCPMDataLoader(cfg)` (two datasets on the folder: all
    samples, and an `hq` subset filtered on dnsmos + language) up to its first planned micro-batch; then
-   the planner runs for >= 10 s: micro-batches/s and samples/s; RSS / USS / PSS (psutil) after that.
+   (warm run) the planner runs for --plan-seconds: micro-batches/s and samples/s; RSS / USS / PSS
+   (psutil) and anonymous (truly per-process) memory after that; and the planning rate without
+   continuation layouts (no joined texts to tokenize at plan time).
    Config as configs/data/emilia.yaml: rows of 8192 positions, 1 row per micro-batch, windows of 8192.
 Prints one JSON line (with --json only that line).
 """
@@ -38,20 +40,20 @@ UNIT = 2000
 LANGS = [("en", 0.46), ("zh", 0.44), ("de", 0.04), ("fr", 0.03), ("ja", 0.02), ("ko", 0.01)]
 
 
-def _vocab() -> tuple[list[str], list[str]]:
-    """Latin words and CJK characters of the demo corpus (so the demo tokenizer sees familiar text)."""
-    words, chars = set(), set()
+def _streams() -> tuple[list[str], list[str]]:
+    """The demo corpus' transcripts as one running stream of words (Latin-script languages) and one of
+    characters (Chinese): a sample's text is a window of it (natural text the demo tokenizer was fit on)."""
+    words, chars = [], []
     for t in sorted((REPO / "demo_data" / "emilia").glob("*.tar")):
         with tarfile.open(t) as tar:
             for m in tar.getmembers():
                 if m.name.endswith(".json"):
-                    text = json.loads(tar.extractfile(m).read())["text"]
-                    for w in text.split():
-                        if any("\u4e00" <= c <= "\u9fff" for c in w):
-                            chars.update(c for c in w if "\u4e00" <= c <= "\u9fff")
-                        else:
-                            words.add(w)
-    return sorted(words), sorted(chars)
+                    text = json.loads(tar.extractfile(m).read())["text"].strip()
+                    if any("\u4e00" <= c <= "\u9fff" for c in text):
+                        chars += list(text)
+                    else:
+                        words += text.split()
+    return words * 4, chars * 8
 
 
 def synthesize(folder: Path, n: int, seed: int = 0, log=print) -> float:
@@ -61,8 +63,7 @@ def synthesize(folder: Path, n: int, seed: int = 0, log=print) -> float:
     t0 = time.time()
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    words, chars = _vocab()
-    words, chars = np.asarray(words), np.asarray(chars)
+    words, chars = _streams()
     units = [f"synth-{u:06d}" for u in range(-(-n // UNIT))]
     template = folder / ".template.tar"
     lat = np.zeros((8, 64), np.float16)
@@ -82,22 +83,24 @@ def synthesize(folder: Path, n: int, seed: int = 0, log=print) -> float:
         lang = spk_lang[spk]
         dns = np.clip(rng.normal(3.3, 0.2, k), 3.0, 4.2)
         desc = rng.random(k) < 0.01
-        samples = []
+        # texts: word / character counts from the duration, drawn for the whole unit at once
+        cjk = np.isin(lang, [lang_names.index("zh"), lang_names.index("ja")])
+        count = np.maximum(1, np.where(cjk, dur * 4.5, dur * 2.7).astype(np.int64))
+        start = rng.random(k)
+        parts = []
         for i in range(k):
-            lg = lang_names[lang[i]]
-            if lg in ("zh", "ja"):
-                text = "".join(chars[rng.integers(0, len(chars), max(1, int(dur[i] * 4.5)))])
-            else:
-                text = " ".join(words[rng.integers(0, len(words), max(1, int(dur[i] * 2.7)))])
+            lg, m = lang_names[lang[i]], int(count[i])
+            src = chars if cjk[i] else words
+            a = int(start[i] * (len(src) - min(m, len(src))))
+            text = "".join(src[a:a + m]) if cjk[i] else " ".join(src[a:a + m])
             key = f"{lg.upper()}_B{u:06d}_S{i:05d}"
-            e = {"text": text, "speaker": f"{lg.upper()}_S{spk[i]:08d}", "language": lg,
-                 "duration": round(float(dur[i]), 4), "dnsmos": round(float(dns[i]), 4), "id": key,
-                 "source_key": f"{name}/{key}", "key": key, "frames": int(frames[i]),
-                 "latent": [lat_off, lat_size], "json": [js_off, js_size]}
-            if desc[i]:
-                e["description"] = "a calm, low voice"
-            samples.append(e)
-        (folder / f"{name}.index.json").write_bytes(json_bytes({"shard": f"{name}.tar", "samples": samples}))
+            extra = ',"description":"a calm, low voice"' if desc[i] else ""
+            parts.append(f'{{"dnsmos":{dns[i]:.4f},"duration":{dur[i]:.4f},"frames":{frames[i]},"id":"{key}",'
+                         f'"json":[{js_off},{js_size}],"key":"{key}","language":"{lg}","latent":[{lat_off},{lat_size}],'
+                         f'"source_key":"{name}/{key}","speaker":"{lg.upper()}_S{spk[i]:08d}",'
+                         f'"text":{json.dumps(text, ensure_ascii=False)}{extra}}}')
+        sidecar = f'{{"samples":[{",".join(parts)}],"shard":"{name}.tar"}}'.encode("utf-8")
+        (folder / f"{name}.index.json").write_bytes(sidecar)
         (folder / f"{name}.report.json").write_bytes(json_bytes({"kept": k, "skipped": {}, "seconds": float(dur.sum())}))
         os.link(template, folder / f"{name}.tar")
         if (u + 1) % max(1, len(units) // 10) == 0:
@@ -143,11 +146,26 @@ while time.time() - t1 < plan_s:
 dt = time.time() - t1
 st = loader.state_dict()
 mem = psutil.Process().memory_full_info()
+anon = 0
+with open("/proc/self/smaps_rollup") as f:          # private memory that is not file pages of a mapping
+    for line in f:
+        if line.startswith("Anonymous:"):
+            anon = int(line.split()[1]) * 1024
+# the same datasets planned without continuation layouts (no joined prompt_text + text to tokenize)
+from data_pipeline.packing import BatchPlanner
+nc = dict(tts=0.55, clone=0.45, continuation=0.0, clone_continuation=0.0)
+p2 = BatchPlanner(loader.datasets, loader.weights, [nc, nc], cfg, loader.tokenizer)
+p2.next_window()
+mbs2, t2 = 0, time.time()
+while time.time() - t2 < min(plan_s, 3.0):
+    mbs2 += len(p2.next_window()[1])
+dt2 = time.time() - t2
 print(json.dumps({"imports_s": round(t_imp, 2), "datasets_s": round(t_ds, 2), "startup_s": round(t_start, 2),
                   "planner_microbatches_per_s": round(mbs / dt, 1), "planner_samples_per_s": round(samples / dt),
                   "real_positions": round(positions / max(mbs * cfg.row_tokens, 1), 4),
                   "rss_gib": round(mem.rss / 2**30, 3), "uss_gib": round(mem.uss / 2**30, 3),
-                  "pss_gib": round(mem.pss / 2**30, 3), "dataset_sizes": st["dataset_sizes"],
+                  "pss_gib": round(mem.pss / 2**30, 3), "anon_gib": round(anon / 2**30, 3),
+                  "planner_microbatches_per_s_no_continuation": round(mbs2 / dt2, 1), "dataset_sizes": st["dataset_sizes"],
                   "state_json_bytes": len(json.dumps(st))}))
 """
 
@@ -178,7 +196,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="folder to synthesize into (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the synthesized folder")
     ap.add_argument("--workers", type=int, default=None, help="index build processes (default min(8, cores))")
-    ap.add_argument("--plan-seconds", type=float, default=10.0)
+    ap.add_argument("--plan-seconds", type=float, default=6.0, help="planning time of the warm rank")
     ap.add_argument("--tokenizer", default=str(REPO / "demo_data" / "tokenizer"))
     args = ap.parse_args()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
@@ -204,7 +222,7 @@ def main() -> None:
         sizes = {p.name: p.stat().st_size for p in folder.glob("*.npz")}
         log(f"index built in {t_build:.1f} s: {summary}")
         evict(folder)
-        cold = run_rank(folder, args.tokenizer, args.plan_seconds)
+        cold = run_rank(folder, args.tokenizer, 1.0)
         log(f"cold rank: {cold}")
         warm = run_rank(folder, args.tokenizer, args.plan_seconds)
         log(f"warm rank: {warm}")
@@ -215,9 +233,11 @@ def main() -> None:
                "tokens_mib": round(sum(v for k, v in sizes.items() if k.startswith("tokens-")) / 2**20, 1),
                "startup_cold_s": cold["startup_s"], "startup_warm_s": warm["startup_s"],
                "rank_imports_s": warm["imports_s"], "rss_gib": warm["rss_gib"], "uss_gib": warm["uss_gib"],
-               "pss_gib": warm["pss_gib"], "rss_cold_gib": cold["rss_gib"],
+               "pss_gib": warm["pss_gib"], "anon_gib": warm["anon_gib"], "rss_cold_gib": cold["rss_gib"],
                "planner_microbatches_per_s": warm["planner_microbatches_per_s"],
-               "planner_samples_per_s": warm["planner_samples_per_s"], "real_positions": warm["real_positions"],
+               "planner_samples_per_s": warm["planner_samples_per_s"],
+               "planner_microbatches_per_s_no_continuation": warm["planner_microbatches_per_s_no_continuation"],
+               "real_positions": warm["real_positions"],
                "dataset_sizes": warm["dataset_sizes"], "state_json_bytes": warm["state_json_bytes"],
                "cpus": os.cpu_count(), "loadavg_1m": round(load[0], 2)}
         print(json.dumps(out), flush=True)

@@ -106,32 +106,33 @@ def read_unit(folder: str, unit: str, frame_rate: float) -> dict:
     raw = path.read_bytes()
     entries = json.loads(raw)["samples"]
     n = len(entries)
-
-    def ints(f, dtype=np.int64):
-        return np.fromiter((f(e) for e in entries), dtype, n)
-
+    zero = (0, 0)
+    # one pass per group of fields (list comprehensions, then one array each)
+    nums = np.array([(e["frames"], e["latent"][0], e["latent"][1], e["json"][0], e["json"][1],
+                      e.get("ref_frames", 0), *e.get("ref_latent", zero)) for e in entries],
+                    dtype=np.int64).reshape(n, 8)
+    floats = np.array([(_number(e.get("duration")), _number(e.get("dnsmos"))) for e in entries],
+                      dtype=np.float64).reshape(n, 2)
     speakers = [str(e.get("speaker") or "") for e in entries]
     languages = [str(e.get("language") or "") for e in entries]
-    spk_names = sorted(set(speakers))
-    lang_names = sorted(set(languages))
-    spk_code, lang_code = {s: i for i, s in enumerate(spk_names)}, {s: i for i, s in enumerate(lang_names)}
-    frames = ints(lambda e: e["frames"], np.int32)
-    dur = np.fromiter((_number(e.get("duration")) for e in entries), np.float64, n)
-    dur = np.where(np.isnan(dur), frames / frame_rate, dur)
+    descriptions = [str(e.get("description") or "") for e in entries]
+    spk_names, spk_code = np.unique(np.asarray(speakers, dtype=object).astype(str), return_inverse=True) \
+        if n else (np.zeros(0, str), np.zeros(0, np.int64))
+    lang_names, lang_code = np.unique(np.asarray(languages, dtype=object).astype(str), return_inverse=True) \
+        if n else (np.zeros(0, str), np.zeros(0, np.int64))
+    frames = nums[:, 0].astype(np.int32)
+    dur = np.where(np.isnan(floats[:, 0]), frames / frame_rate, floats[:, 0])
     return {
         "unit": unit, "samples": n, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-        "frames": frames, "duration": dur,
-        "dnsmos": np.fromiter((_number(e.get("dnsmos")) for e in entries), np.float64, n),
-        "latent_offset": ints(lambda e: e["latent"][0]), "latent_size": ints(lambda e: e["latent"][1]),
-        "json_offset": ints(lambda e: e["json"][0]), "json_size": ints(lambda e: e["json"][1]),
-        "ref_frames": ints(lambda e: e.get("ref_frames", 0), np.int32),
-        "ref_offset": ints(lambda e: e["ref_latent"][0] if "ref_latent" in e else 0),
-        "ref_size": ints(lambda e: e["ref_latent"][1] if "ref_latent" in e else 0),
-        "has_description": np.fromiter((bool(str(e.get("description") or "").strip()) for e in entries), bool, n),
-        "speaker_code": np.fromiter((spk_code[s] for s in speakers), np.int32, n), "speaker_names": spk_names,
-        "language_code": np.fromiter((lang_code[s] for s in languages), np.int32, n), "language_names": lang_names,
+        "frames": frames, "duration": dur, "dnsmos": floats[:, 1].copy(),
+        "latent_offset": nums[:, 1].copy(), "latent_size": nums[:, 2].copy(),
+        "json_offset": nums[:, 3].copy(), "json_size": nums[:, 4].copy(),
+        "ref_frames": nums[:, 5].astype(np.int32), "ref_offset": nums[:, 6].copy(), "ref_size": nums[:, 7].copy(),
+        "has_description": np.array([bool(d.strip()) for d in descriptions], bool).reshape(n),
+        "speaker_code": spk_code.astype(np.int32).reshape(n), "speaker_names": [str(x) for x in spk_names],
+        "language_code": lang_code.astype(np.int32).reshape(n), "language_names": [str(x) for x in lang_names],
         "text": encode_strings([e["text"] for e in entries]),
-        "description": encode_strings([str(e.get("description") or "") for e in entries]),
+        "description": encode_strings(descriptions),
         "key": encode_strings([e["key"] for e in entries]),
     }
 
