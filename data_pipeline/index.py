@@ -242,6 +242,7 @@ class SampleIndex:
         self.speaker_names = StringColumn(arrays["speaker_name_offsets"], arrays["speaker_name_bytes"])
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
+        self.sidecar_stats: tuple | None = None      # what open_index validated it against
 
     def __len__(self) -> int:
         return self.n
@@ -331,6 +332,17 @@ def _count_samples(folder: Path) -> int:
 _INDEXES: "weakref.WeakValueDictionary[tuple, SampleIndex]" = weakref.WeakValueDictionary()
 
 
+def _sidecar_stats(folder: Path, units: list[str]) -> tuple:
+    out = []
+    for u in units:
+        try:
+            st = (folder / f"{u}.index.json").stat()
+            out.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 def open_index(folder: str | Path, auto_build_max: int | None = None) -> SampleIndex:
     """The mapped index of `folder` (one per folder and process, shared by its datasets). A missing or
     out-of-date index is rebuilt when the folder holds <= `auto_build_max` samples, else `IndexNotReady`."""
@@ -339,11 +351,13 @@ def open_index(folder: str | Path, auto_build_max: int | None = None) -> SampleI
     file = folder / INDEX_FILE
     st = file.stat() if file.is_file() else None
     key = (str(folder), st.st_ino, st.st_size, st.st_mtime_ns) if st else None
-    if key is not None and key in _INDEXES:
-        return _INDEXES[key]
+    cached = _INDEXES.get(key) if key is not None else None
+    if cached is not None and cached.sidecar_stats == _sidecar_stats(folder, cached.units):
+        return cached                   # validated in this process, sidecars untouched since
     reason = index_status(folder, _read_header(file), st.st_mtime_ns if st else 0)
     if reason is None:
         ix = SampleIndex(folder, map_npz(file), file)
+        ix.sidecar_stats = _sidecar_stats(folder, ix.units)
         _INDEXES[key] = ix
         return ix
     n = _count_samples(folder)
