@@ -530,6 +530,20 @@ def open_tokens(ix: SampleIndex, tok, auto_build_max: int | None = None) -> Toke
     return store
 
 
+def open_tokens_file(ix: SampleIndex, fingerprint: str) -> TokenStore:
+    """The token store of tokenizer `fingerprint` as the folder holds it (no building; a worker process
+    reopening what its parent validated)."""
+    key = (str(ix.folder), ix.digest, fingerprint)
+    if key in _TOKEN_STORES:
+        return _TOKEN_STORES[key]
+    arrays = map_npz(tokens_file(ix.folder, fingerprint))
+    reason = _token_status(ix, arrays)
+    if reason is not None:
+        raise IndexNotReady(f"{tokens_file(ix.folder, fingerprint)}: {reason}")
+    store = _TOKEN_STORES[key] = TokenStore(arrays, fingerprint)
+    return store
+
+
 # ---------------------------------------------------------------------------------------------------
 # `voxcpm-data index`
 

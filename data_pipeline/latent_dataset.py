@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import SampleFilter, to_dict
-from .index import SampleIndex, TokenStore, open_index, open_tokens
+from .index import SampleIndex, TokenStore, open_index, open_tokens, open_tokens_file
 from .sequences import text_with_description
 from .shards import load_npy
 from .tokenizer import TextTokenizer
@@ -124,6 +124,13 @@ class SampleRecords:
         return (self[i] for i in range(len(self)))
 
 
+def _reopen_dataset(path, patch_size, flt, name, fingerprint):
+    ds = LatentDataset(path, None, patch_size, filter=flt, name=name)
+    if fingerprint is not None:
+        ds.tokens = open_tokens_file(ds.index, fingerprint)
+    return ds
+
+
 class LatentDataset:
     """Per-sample arrays (length N of the subset) + `latent(i)` [T, 64] float16 + `text_ids(i)`.
 
@@ -158,6 +165,12 @@ class LatentDataset:
         self.by_speaker = SpeakerGroups(*self._speaker_groups())
         self.samples = SampleRecords(self)
         self.tokens: TokenStore | None = open_tokens(ix, tokenizer) if tokenizer is not None else None
+        self._args = (str(self.path), patch_size, self.filter, self.name)
+
+    def __reduce__(self):
+        """Pickled (a spawned loader worker) as its arguments: the receiver maps the folder's files again
+        instead of receiving copies of the arrays."""
+        return (_reopen_dataset, (*self._args, self.tokens.fingerprint if self.tokens is not None else None))
 
     def __len__(self) -> int:
         return self.source_size if self._gidx is None else len(self._gidx)

@@ -92,6 +92,12 @@ def test_datasets_on_a_folder_share_one_mapping(latents, tok):
     for i in range(len(b)):
         assert b.text_ids(i) == a.text_ids(en[i]) and b.key(i) == a.key(en[i])
         np.testing.assert_array_equal(b.latent(i), a.latent(en[i]))
+    # pickled (a spawned loader worker) as its arguments, not its arrays; the receiver maps the files
+    import pickle
+    blob = pickle.dumps(b)
+    assert len(blob) < 1000
+    c = pickle.loads(blob)
+    assert c.source_index.tolist() == en and c.text_ids(1) == b.text_ids(1) and c.index is a.index
 
 
 def _stream(folder, n=3):
