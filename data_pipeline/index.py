@@ -396,11 +396,6 @@ class TokenStore:
     def get(self, g: int) -> np.ndarray:
         return self.ids[self.offsets[g]:self.offsets[g + 1]]
 
-    def get_many(self, g: np.ndarray) -> list[list[int]]:
-        g = np.asarray(g, dtype=np.int64)
-        ids = self.ids
-        return [ids[a:b].tolist() for a, b in zip(self.offsets[g].tolist(), self.offsets[g + 1].tolist())]
-
 
 _TOKENIZERS: dict = {}
 

@@ -245,10 +245,6 @@ class LatentDataset:
     def text_ids(self, i: int) -> list[int]:
         return self._need_tokens().get(self.global_index(i)).tolist()
 
-    def text_ids_many(self, idx: np.ndarray) -> list[list[int]]:
-        """`[text_ids(i) for i in idx]` with one gather of the offsets."""
-        return self._need_tokens().get_many(self.global_index(np.asarray(idx)))
-
     def plain_texts(self, idx: np.ndarray) -> list[str]:
         """`[plain_text(i) for i in idx]`."""
         return self.index.text.get_many(self.global_index(np.asarray(idx)))

@@ -51,7 +51,8 @@ class MicroBatchAssembler(Dataset):
             for seg, s in enumerate(row, 1):
                 ds = self.datasets[s.ds]
                 ref = ds.ref_latent(s.idx) if s.ref == OWN_REF else ds.latent(s.ref) if s.ref >= 0 else None
-                seq = build_sequence(s.text_ids, ds.latent(s.idx), P, ref=ref,
+                text_ids = s.text_ids if s.text_ids is not None else ds.text_ids(s.idx)
+                seq = build_sequence(text_ids, ds.latent(s.idx), P, ref=ref,
                                      prompt=ds.latent(s.prompt) if s.prompt >= 0 else None)
                 L = len(seq["text_tokens"])
                 if L != s.length:

@@ -40,7 +40,9 @@ OWN_REF = -2     # Sample.ref: the sample's own reference clip (its manifest `re
 @dataclass
 class Sample:
     """One planned sequence: dataset `ds`, sample `idx`, layout, reference / prompt sample (-1: none;
-    ref `OWN_REF`: the sample's own reference clip)."""
+    ref `OWN_REF`: the sample's own reference clip), positions, and `text_ids`: the ids of prompt_text + text
+    for continuation layouts, None for the others (the sample's stored ids, read when the batch is
+    assembled: planning reads only token counts, so a rank never touches the ids of other ranks' batches)."""
 
     ds: int
     idx: int
@@ -48,7 +50,7 @@ class Sample:
     ref: int
     prompt: int
     length: int
-    text_ids: list
+    text_ids: list | None
 
     def to_list(self) -> list:
         return [self.ds, self.idx, self.layout, self.ref, self.prompt, self.length, self.text_ids]
@@ -66,7 +68,7 @@ class _ContextTable:
     def __init__(self, ds: LatentDataset, max_ref_patches: int):
         order, bounds = ds.by_speaker.order, ds.by_speaker.bounds
         ok = ds.patches[order] <= max_ref_patches
-        self.clips = np.asarray(order[ok], dtype=np.int64)
+        self.clips = np.asarray(order[ok], dtype=np.int32 if len(ds) < 2 ** 31 else np.int64)
         c = np.zeros(len(ok) + 1, np.int64)
         np.cumsum(ok, out=c[1:])
         self.bounds = c[bounds]
@@ -212,15 +214,10 @@ class BatchPlanner:
                 joined[j] = x
         kept = np.flatnonzero(length >= 0)
         self.state["dropped"] += int(n - len(kept))
-        text = [None] * n
-        for d in np.unique(picks[kept]).tolist():          # stored token ids of the non-joined texts
-            k = kept[(picks[kept] == d) & np.asarray([joined[j] is None for j in kept.tolist()], bool)]
-            for j, ids in zip(k.tolist(), self.datasets[d].text_ids_many(idx[k])):
-                text[j] = ids
         out = []
         for j, d, i, la, r, q, L in zip(kept.tolist(), picks[kept].tolist(), idx[kept].tolist(), lay[kept].tolist(),
                                         ref[kept].tolist(), prompt[kept].tolist(), length[kept].tolist()):
-            out.append(Sample(d, i, LAYOUTS[la], r, q, L, joined[j] if joined[j] is not None else text[j]))
+            out.append(Sample(d, i, LAYOUTS[la], r, q, L, joined[j]))
         return out
 
     # -- grouping -----------------------------------------------------------------------------------

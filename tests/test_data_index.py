@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from data_pipeline import index as index_mod
 from data_pipeline.config import DataConfig, DatasetConfig, LayoutProbs
 from data_pipeline.encode import EncodeOptions, run_encode
-from data_pipeline.index import INDEX_FILE, IndexNotReady, open_index
+from data_pipeline.index import INDEX_FILE, IndexNotReady
 from data_pipeline.latent_dataset import LatentDataset
 from data_pipeline.mapped_npz import NpzWriter, map_npz
 from data_pipeline.packing import LAYOUTS, OWN_REF, BatchPlanner, Sample
@@ -282,14 +281,14 @@ def _reference_draw(ds, idx, u, cdf, cfg, tok):
         prompt = pool[int(u[2] * len(pool))]
     r = int(ds.ref_patches[idx]) if ref == OWN_REF else int(ds.patches[ref]) if ref >= 0 else 0
     q = int(ds.patches[prompt]) if prompt >= 0 else 0
-    text = tok(ds.plain_text(prompt) + ds.plain_text(idx)) if prompt >= 0 else ds.text_ids(idx)
-    length = sequence_length(layout, len(text), int(ds.patches[idx]), r, q)
+    text = tok(ds.plain_text(prompt) + ds.plain_text(idx)) if prompt >= 0 else None     # None: stored ids
+    length = sequence_length(layout, len(text) if text is not None else ds.n_text(idx), int(ds.patches[idx]), r, q)
     if length > cfg.row_tokens and layout != "tts":
-        layout, ref, prompt, text = "tts", -1, -1, ds.text_ids(idx)
-        length = sequence_length("tts", len(text), int(ds.patches[idx]))
+        layout, ref, prompt, text = "tts", -1, -1, None
+        length = sequence_length("tts", ds.n_text(idx), int(ds.patches[idx]))
     if length > cfg.row_tokens:
         return None
-    return Sample(0, int(idx), layout, ref, prompt, length, list(text))
+    return Sample(0, int(idx), layout, ref, prompt, length, text)
 
 
 @pytest.mark.parametrize("layouts,max_ref", [(LayoutProbs(), 75), (LayoutProbs(0.1, 0.3, 0.3, 0.3), 40),
