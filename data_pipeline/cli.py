@@ -1,8 +1,10 @@
 """`voxcpm-data`: encode raw corpora into latent shards, inspect them.
 
     voxcpm-data encode INPUT... --output DIR [--vae audiovae.safetensors] [--config small|full]
-                       [--batch-seconds N] [--min-seconds S] [--max-seconds S] [--device auto|cpu|cuda|npu]
+                       [--tokenizer MODEL_DIR] [--batch-seconds N] [--min-seconds S] [--max-seconds S]
+                       [--device auto|cpu|cuda|npu]
     torchrun --nproc-per-node 8 -m data_pipeline.cli encode ...      # each rank encodes its own shards
+    voxcpm-data index DIR [--tokenizer MODEL_DIR] [--workers N]      # (re)build the columnar sample index
     voxcpm-data inspect DIR
 """
 from __future__ import annotations
@@ -29,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--device", default="auto")
     enc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     enc.add_argument("--seed", type=int, default=0, help="seed of the random init when no --vae is given")
+    enc.add_argument("--tokenizer", default=None,
+                     help="tokenizer folder (data.tokenizer_path): store token ids in the index at encode time")
+    enc.add_argument("--index-workers", type=int, default=None, help="processes building the index")
+    idx = sub.add_parser("index", help="build the columnar sample index (+ token ids) of a latent folder")
+    idx.add_argument("dir")
+    idx.add_argument("--tokenizer", default=None, help="tokenizer folder (data.tokenizer_path) to tokenize with")
+    idx.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cores))")
+    idx.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ins = sub.add_parser("inspect", help="summarize a folder of latent shards")
     ins.add_argument("dir")
     ins.add_argument("--json", action="store_true")
@@ -41,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         opts = EncodeOptions(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                              batch_seconds=args.batch_seconds, samples_per_shard=args.samples_per_shard,
                              vae_config=args.config, vae_path=args.vae, seed=args.seed, device=args.device,
-                             dtype=args.dtype)
+                             dtype=args.dtype, tokenizer_path=args.tokenizer, index_workers=args.index_workers)
         report = run_encode(args.inputs, args.output, opts)
         if report is not None:
             print(json.dumps(report))
+        return 0
+    if args.cmd == "index":
+        from .index import build_folder_index
+
+        print(json.dumps(build_folder_index(args.dir, args.tokenizer, args.workers, force=args.force)))
         return 0
     if args.cmd == "inspect":
         from .inspect_shards import print_summary, summarize

@@ -3,7 +3,10 @@
 Work is split into units: one per input tar, or `samples_per_shard` entries of a manifest / folder.
 Unit i goes to rank i % world_size and becomes `DIR/<unit>.tar` (+ `.index.json`), written atomically,
 so a killed run restarted with the same arguments skips finished units and produces byte-identical
-shards. Bad samples are skipped, named in a log line and counted by reason in `DIR/report.json`.
+shards. Bad samples are skipped, named in a log line and counted by reason in `DIR/report.json`; source
+fields that are not used are counted by name (`dropped_fields`) and warned about. A manifest's
+`ref_audio` is encoded with the same VAE and stored with its sample. When every unit is done, rank 0
+builds the folder's columnar index (`index.npz`, and the token ids with `tokenizer_path`; index.py).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from .audio import BadSample, decode_audio
 from .audio_vae import AudioVAEConfig, load_audio_vae
+from .index import build_folder_index
 from .readers import RawSample, iter_audio_folder, iter_emilia_tar, iter_jsonl_manifest
 from .shards import atomic_write_bytes, json_bytes, shard_complete, write_latent_shard
 
@@ -48,6 +52,8 @@ class EncodeOptions:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    tokenizer_path: str | None = None   # also store token ids in the index (tokenize at encode time)
+    index_workers: int | None = None    # processes building the index (default: min(8, cores))
 
 
 @dataclass
@@ -167,16 +173,21 @@ class Progress(tqdm):
 
 
 def encode_unit(unit: Unit, encoder: LatentEncoder, out_dir: Path, pbar: Progress) -> dict:
-    """Encode one unit into `out_dir/<unit>.tar`. Returns its report {kept, skipped, seconds}."""
+    """Encode one unit into `out_dir/<unit>.tar`. Returns its report {kept, skipped, seconds,
+    dropped_fields: {field: samples}}."""
     opts, sr = encoder.opts, encoder.vae.sample_rate
-    kept: list[tuple[str, np.ndarray, dict]] = []
+    kept: list[tuple] = []
     skipped: Counter = Counter()
+    dropped: Counter = Counter()
     seconds = 0.0
-    pending: list[tuple[str, np.ndarray, dict]] = []
+    pending: list[tuple[str, np.ndarray, dict, np.ndarray | None]] = []
 
-    def flush():
-        latents = encoder([a for _, a, _ in pending])
-        kept.extend((k, z, m) for (k, _, m), z in zip(pending, latents))
+    def flush():   # targets and reference clips in one length-sorted batching
+        audios = [a for _, a, _, _ in pending] + [r for _, _, _, r in pending if r is not None]
+        latents = encoder(audios)
+        refs = iter(latents[len(pending):])
+        kept.extend((k, z, m, next(refs) if r is not None else None)
+                    for (k, _, m, r), z in zip(pending, latents[:len(pending)]))
         pending.clear()
 
     def skip(e: BadSample):
@@ -203,13 +214,23 @@ def encode_unit(unit: Unit, encoder: LatentEncoder, out_dir: Path, pbar: Progres
             key = shard_key(s.key)
             if key in keys_seen:
                 raise BadSample("duplicate_key", s.key)
+            ref = None
+            if s.meta.get("ref_audio"):
+                try:
+                    ref = decode_audio(s.meta["ref_audio"], s.key, sr)
+                except BadSample as e:
+                    raise BadSample(e.reason, s.key, f"ref_audio {s.meta['ref_audio']}: {e.detail or e.reason}") from None
         except BadSample as e:
             skip(e)
             continue
         keys_seen.add(key)
+        dropped.update(s.dropped)
         meta = {k: s.meta[k] for k in META_KEYS if k in s.meta}
         meta.update(duration=round(dur, 4), source_key=s.key)
-        pending.append((key, audio, meta))
+        if ref is not None:
+            meta.update(ref_audio=s.meta["ref_audio"], ref_duration=round(len(ref) / sr, 4))
+            pending_seconds += len(ref) / sr
+        pending.append((key, audio, meta, ref))
         seconds += dur
         pending_seconds += dur
         pbar.add_audio(dur)
@@ -218,11 +239,26 @@ def encode_unit(unit: Unit, encoder: LatentEncoder, out_dir: Path, pbar: Progres
             pending_seconds = 0.0
     if pending:
         flush()
-    report = {"kept": len(kept), "skipped": dict(sorted(skipped.items())), "seconds": round(seconds, 3)}
+    report = {"kept": len(kept), "skipped": dict(sorted(skipped.items())), "seconds": round(seconds, 3),
+              "dropped_fields": dict(sorted(dropped.items()))}
+    if dropped:
+        log.warning("unit %s: source field(s) not used, dropped: %s", unit.name, _fields_text(dropped))
     write_latent_shard(out_dir / f"{unit.name}.tar", kept)
     # written last: a unit is done when its .tar, .index.json and .report.json all exist
     atomic_write_bytes(out_dir / f"{unit.name}.report.json", json_bytes(report))
     return report
+
+
+def _fields_text(counts: Counter | dict) -> str:
+    return ", ".join(f"{k} ({v} sample{'s' if v != 1 else ''})" for k, v in sorted(counts.items()))
+
+
+RANDOM_VAE_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!! encode without --vae: the latents come from a RANDOMLY INITIALISED AudioVAE (config %s, seed %d).
+!!! A model trained on them cannot be used with the released VoxCPM AudioVAE. Fine for the demo and
+!!! tests; for real data pass --vae /path/to/VoxCPM2/audiovae.safetensors (recorded in meta.json "vae").
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
 
 def run_encode(inputs: list[str], out_dir: str, opts: EncodeOptions, rank: int | None = None,
@@ -230,6 +266,8 @@ def run_encode(inputs: list[str], out_dir: str, opts: EncodeOptions, rank: int |
     """Encode `inputs` into `out_dir`. Returns the aggregated report on rank 0 (None elsewhere)."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if opts.vae_path is None and rank == 0:
+        log.warning(RANDOM_VAE_WARNING, opts.vae_config, opts.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     units = plan_units(inputs, opts.samples_per_shard)
@@ -264,18 +302,25 @@ def run_encode(inputs: list[str], out_dir: str, opts: EncodeOptions, rank: int |
         if time.time() > deadline:
             raise TimeoutError("other ranks did not finish their units")
         time.sleep(5)
-    return write_report(out, units)
+    report = write_report(out, units)
+    summary = build_folder_index(out, opts.tokenizer_path, opts.index_workers)
+    log.info("sample index: %s", summary)
+    return report
 
 
 def write_report(out: Path, units: list[Unit]) -> dict:
-    kept, skipped, seconds = 0, Counter(), 0.0
+    kept, skipped, dropped, seconds = 0, Counter(), Counter(), 0.0
     for u in units:
         rep = json.loads((out / f"{u.name}.report.json").read_text())
         kept += rep["kept"]
         skipped.update(rep["skipped"])
+        dropped.update(rep.get("dropped_fields", {}))
         seconds += rep["seconds"]
     report = {"kept": kept, "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-              "hours": round(seconds / 3600, 4), "shards": [f"{u.name}.tar" for u in units]}
+              "hours": round(seconds / 3600, 4), "shards": [f"{u.name}.tar" for u in units],
+              "dropped_fields": dict(sorted(dropped.items()))}
     atomic_write_bytes(out / "report.json", json_bytes(report))
     log.info("kept %d samples (%.3f h), skipped %s", kept, seconds / 3600, dict(skipped))
+    if dropped:
+        log.warning("source fields not used by training, dropped: %s", _fields_text(dropped))
     return report

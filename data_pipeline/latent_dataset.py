@@ -1,9 +1,10 @@
 """A folder of latent shards (from `voxcpm-data encode`) as an indexed, random-access dataset.
 
-Only the sidecar `*.index.json` files are read at start-up (no tar scan); a sample is one seek + read.
-Texts are tokenized once per tokenizer and cached as NumPy arrays (`tokens-<fingerprint>.npz`, always over
-the whole folder). A `SampleFilter` (config.py) restricts the dataset to a subset of the folder's samples
-when the index is built: everything below (indices, speakers, reference clips) sees only that subset.
+The folder's columnar index (`index.py`: `index.npz` + `tokens-<fingerprint>.npz`, memory-mapped and shared
+by every dataset on that folder in the process, and through the page cache by every process) is all that
+start-up reads; a sample is one pread. A `SampleFilter` (config.py) restricts the dataset to a subset of
+the folder's samples, evaluated on the columns: everything below (indices, speakers, reference clips) sees
+only that subset.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import SampleFilter, to_dict
-from .sequences import num_patches, text_with_description
-from .shards import atomic_write_bytes, load_npy, read_member
+from .index import SampleIndex, TokenStore, open_index, open_tokens, open_tokens_file
+from .sequences import text_with_description
+from .shards import load_npy
 from .tokenizer import TextTokenizer
 
 
@@ -58,37 +60,85 @@ def canonical_filter(spec, dataset: str = "?") -> dict:
     return out
 
 
-def filter_conditions(samples: list[dict], flt: dict, frame_rate: float) -> dict[str, np.ndarray]:
-    """Per set condition of the canonical filter `flt`, a bool array over `samples`: which pass it."""
-    n = len(samples)
+def filter_conditions(ix: SampleIndex, flt: dict) -> dict[str, np.ndarray]:
+    """Per set condition of the canonical filter `flt`, a bool array over the folder's samples: which pass."""
     cond: dict[str, np.ndarray] = {}
     if "min_dnsmos" in flt:
-        v = np.asarray([s["dnsmos"] if isinstance(s.get("dnsmos"), (int, float)) else np.nan for s in samples],
-                       dtype=np.float64).reshape(n)
         with np.errstate(invalid="ignore"):
-            cond["min_dnsmos"] = v >= flt["min_dnsmos"]          # NaN (no dnsmos) fails
+            cond["min_dnsmos"] = ix.dnsmos >= flt["min_dnsmos"]          # NaN (no dnsmos) fails
     if flt.get("require_description"):
-        cond["require_description"] = np.asarray([bool(str(s.get("description") or "").strip()) for s in samples],
-                                                 dtype=bool).reshape(n)
+        cond["require_description"] = np.asarray(ix.has_description, dtype=bool)
     if "languages" in flt:
         keep = set(flt["languages"])
-        cond["languages"] = np.asarray([str(s.get("language") or "").strip().lower() in keep for s in samples],
-                                       dtype=bool).reshape(n)
-    if "min_duration" in flt or "max_duration" in flt:
-        dur = np.asarray([s["duration"] if isinstance(s.get("duration"), (int, float)) else s["frames"] / frame_rate
-                          for s in samples], dtype=np.float64).reshape(n)
-        if "min_duration" in flt:
-            cond["min_duration"] = dur >= flt["min_duration"]
-        if "max_duration" in flt:
-            cond["max_duration"] = dur <= flt["max_duration"]
+        ok = np.asarray([lang.strip().lower() in keep for lang in ix.languages], dtype=bool)
+        cond["languages"] = ok[ix.language] if len(ok) else np.zeros(ix.n, bool)
+    if "min_duration" in flt:
+        cond["min_duration"] = ix.duration >= flt["min_duration"]
+    if "max_duration" in flt:
+        cond["max_duration"] = ix.duration <= flt["max_duration"]
     return cond
 
 
+class SpeakerGroups:
+    """`groups[s]`: the (dataset) indices of speaker s's samples, ascending; CSR over `order` / `bounds`."""
+
+    def __init__(self, order: np.ndarray, bounds: np.ndarray):
+        self.order, self.bounds = order, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        return self.order[self.bounds[s]:self.bounds[s + 1]]
+
+    def __iter__(self):
+        return (self[s] for s in range(len(self)))
+
+
+class SampleRecords:
+    """`samples[i]`: sample i's metadata as its sidecar entry held it (its `<key>.json` member, read from
+    the shard, + key, frames, latent / json [offset, size], and ref_frames / ref_latent when it has a
+    reference). For inspection and tests; training reads the columns."""
+
+    def __init__(self, ds: "LatentDataset"):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        ds, ix = self.ds, self.ds.index
+        if not -len(ds) <= i < len(ds):
+            raise IndexError(i)
+        g = ds.global_index(i % len(ds))
+        shard = int(ix.shard[g])
+        meta = json.loads(ix.read(shard, int(ix.json_offset[g]), int(ix.json_size[g])))
+        rec = dict(meta, key=ix.key[g], frames=int(ix.frames[g]),
+                   latent=[int(ix.latent_offset[g]), int(ix.latent_size[g])],
+                   json=[int(ix.json_offset[g]), int(ix.json_size[g])])
+        if ix.ref_frames[g] > 0:
+            rec.update(ref_frames=int(ix.ref_frames[g]), ref_latent=[int(ix.ref_offset[g]), int(ix.ref_size[g])])
+        return rec
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _reopen_dataset(path, patch_size, flt, name, fingerprint):
+    ds = LatentDataset(path, None, patch_size, filter=flt, name=name)
+    if fingerprint is not None:
+        ds.tokens = open_tokens_file(ds.index, fingerprint)
+    return ds
+
+
 class LatentDataset:
-    """Index arrays (length N) + `latent(i)` [T, 64] float16 + `text_ids(i)`.
+    """Per-sample arrays (length N of the subset) + `latent(i)` [T, 64] float16 + `text_ids(i)`.
 
     `filter` (a `SampleFilter` spec) keeps a deterministic subset of the folder, in index order; `name`
-    only labels error messages. `source_index[i]` is sample i's position in the unfiltered folder."""
+    only labels error messages. `source_index[i]` is sample i's position in the unfiltered folder. Arrays:
+    `frames`, `patches`, `speaker` (folder speaker id, -1: none), `shard_id`, `has_description`,
+    `ref_patches` (patches of the sample's own reference clip, 0: none); `by_speaker[s]`: the samples of
+    speaker s. Unfiltered, these are views of the mapped index (no copy); filtered, gathered once."""
 
     def __init__(self, path: str | Path, tokenizer: TextTokenizer | None = None, patch_size: int = 4,
                  filter=None, name: str | None = None):
@@ -99,99 +149,131 @@ class LatentDataset:
         self.meta = json.loads(meta_path.read_text())
         self.name = name or self.path.name
         self.filter = canonical_filter(filter, self.name)
-        self.shards: list[Path] = []
-        all_samples: list[dict] = []
-        shard_ids = []
-        for unit in self.meta["units"]:
-            idx_path = self.path / f"{unit}.index.json"
-            if not idx_path.is_file():
-                raise FileNotFoundError(f"{idx_path} missing: the encode run of {self.path} is not finished")
-            entries = json.loads(idx_path.read_text())["samples"]
-            shard_ids += [len(self.shards)] * len(entries)
-            self.shards.append(self.path / f"{unit}.tar")
-            all_samples += entries
-        self.source_size = len(all_samples)
-        self.source_index = self._apply_filter(all_samples)
-        self.samples: list[dict] = [all_samples[i] for i in self.source_index]
-        self.shard_id = np.asarray(shard_ids, dtype=np.int32).reshape(-1)[self.source_index]
-        self.frames = np.asarray([s["frames"] for s in self.samples], dtype=np.int64)
-        self.patches = np.asarray([num_patches(f, patch_size) for f in self.frames], dtype=np.int64)
-        speakers = sorted({s.get("speaker", "") for s in self.samples} - {""})
-        spk_id = {s: i for i, s in enumerate(speakers)}
-        self.speaker = np.asarray([spk_id.get(s.get("speaker", ""), -1) for s in self.samples], dtype=np.int64)
-        # samples of each speaker (for reference / prompt clips)
-        order = np.argsort(self.speaker, kind="stable")
-        bounds = np.searchsorted(self.speaker[order], np.arange(len(speakers) + 1))
-        self.by_speaker = [order[bounds[i]:bounds[i + 1]] for i in range(len(speakers))]
-        self.text_offsets = self.text_flat = None
-        if tokenizer is not None:
-            self._load_tokens(tokenizer, all_samples)
+        self.index: SampleIndex = open_index(self.path)
+        ix = self.index
+        self.shards: list[Path] = ix.shards
+        self.source_size = ix.n
+        self._gidx = self._apply_filter()                 # None: every sample of the folder
+        take = (lambda a: a) if self._gidx is None else (lambda a: a[self._gidx])
+        self.frames = take(ix.frames)
+        self.patches = ((self.frames.astype(np.int64) + patch_size - 1) // patch_size).astype(np.int32)
+        self.speaker = take(ix.speaker)
+        self.shard_id = take(ix.shard)
+        self.has_description = take(ix.has_description)
+        self.ref_patches = (((take(ix.ref_frames).astype(np.int64) + patch_size - 1) // patch_size).astype(np.int32)
+                            if ix.has_references else None)
+        self.by_speaker = SpeakerGroups(*self._speaker_groups())
+        self.samples = SampleRecords(self)
+        self.tokens: TokenStore | None = open_tokens(ix, tokenizer) if tokenizer is not None else None
+        self._args = (str(self.path), patch_size, self.filter, self.name)
+
+    def __reduce__(self):
+        """Pickled (a spawned loader worker) as its arguments: the receiver maps the folder's files again
+        instead of receiving copies of the arrays."""
+        return (_reopen_dataset, (*self._args, self.tokens.fingerprint if self.tokens is not None else None))
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.source_size if self._gidx is None else len(self._gidx)
 
-    def _apply_filter(self, samples: list[dict]) -> np.ndarray:
-        """Indices (ascending) of the samples passing every condition; a filter that keeps none is an error."""
+    @property
+    def source_index(self) -> np.ndarray:
+        return np.arange(self.source_size, dtype=np.int64) if self._gidx is None else self._gidx
+
+    def global_index(self, i):
+        """Position(s) in the folder's index of dataset sample(s) `i` (int or array)."""
+        return i if self._gidx is None else self._gidx[i]
+
+    def _apply_filter(self) -> np.ndarray | None:
+        """Indices (ascending) of the samples passing every condition (None: no filter); a filter that keeps
+        none is an error."""
         if not self.filter:
-            return np.arange(len(samples), dtype=np.int64)
-        cond = filter_conditions(samples, self.filter, float(self.meta.get("frame_rate_hz", 25.0)))
-        keep = np.ones(len(samples), dtype=bool)
+            return None
+        ix = self.index
+        cond = filter_conditions(ix, self.filter)
+        keep = np.ones(ix.n, dtype=bool)
         for ok in cond.values():
             keep &= ok
         if not keep.any():
             why = ", ".join(f"{k} rejects {int((~ok).sum())}" for k, ok in cond.items())
             extra = ""
-            if "min_dnsmos" in self.filter and not any(isinstance(s.get("dnsmos"), (int, float)) for s in samples):
+            if "min_dnsmos" in self.filter and np.isnan(ix.dnsmos).all():
                 extra = " (no sample has a dnsmos value: were the latents encoded from metadata without one?)"
-            raise ValueError(f"dataset {self.name!r} ({self.path}): filter {self.filter} keeps 0 of {len(samples)} "
+            raise ValueError(f"dataset {self.name!r} ({self.path}): filter {self.filter} keeps 0 of {ix.n} "
                              f"samples ({why}){extra}")
         log.info("dataset %r (%s): filter %s keeps %d of %d samples", self.name, self.path, self.filter,
-                 int(keep.sum()), len(samples))
-        return np.flatnonzero(keep).astype(np.int64)
+                 int(keep.sum()), ix.n)
+        idx = np.flatnonzero(keep)
+        return idx.astype(np.int32 if ix.n < 2 ** 31 else np.int64)
+
+    def _speaker_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds) over dataset indices: speaker s's samples are order[bounds[s]:bounds[s + 1]]."""
+        ix = self.index
+        if self._gidx is None:
+            return ix.speaker_order, ix.speaker_bounds
+        keep = np.zeros(ix.n, bool)
+        keep[self._gidx] = True
+        local = np.cumsum(keep, dtype=np.int64) - 1
+        so = ix.speaker_order[keep[ix.speaker_order]]
+        order = local[so].astype(self._gidx.dtype)
+        bounds = np.searchsorted(ix.speaker[so], np.arange(ix.num_speakers + 1)).astype(np.int64)
+        return order, bounds
+
+    # -- text -----------------------------------------------------------------------------------------
+    def key(self, i: int) -> str:
+        return self.index.key[self.global_index(i)]
+
+    def plain_text(self, i: int) -> str:
+        """The transcript alone (continuation prompts join these)."""
+        return self.index.text[self.global_index(i)]
 
     def text(self, i: int) -> str:
-        s = self.samples[i]
-        return text_with_description(s["text"], s.get("description"))
+        """The text the model reads: "(description)transcript" for voice-design samples."""
+        g = self.global_index(i)
+        ix = self.index
+        return text_with_description(ix.text[g], ix.description[g] if ix.has_description[g] else None)
 
-    def _load_tokens(self, tok: TextTokenizer, all_samples: list[dict]) -> None:
-        """Token ids of every sample of the folder (cached per tokenizer), then those of this subset."""
-        cache = self.path / f"tokens-{tok.fingerprint()}.npz"
-        offsets = flat = None
-        if cache.is_file():
-            z = np.load(cache, allow_pickle=False)
-            if len(z["offsets"]) == len(all_samples) + 1:
-                offsets, flat = z["offsets"], z["ids"]
-        if offsets is None:
-            ids = [tok(text_with_description(s["text"], s.get("description"))) for s in all_samples]
-            offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
-            flat = np.asarray([t for x in ids for t in x], dtype=np.int32)
-            import io
-            buf = io.BytesIO()
-            np.savez(buf, offsets=offsets, ids=flat)
-            try:
-                atomic_write_bytes(cache, buf.getvalue())
-            except OSError:
-                pass  # read-only dataset folder: keep in memory only
-        if len(self.source_index) == len(all_samples):
-            self.text_offsets, self.text_flat = offsets, flat
-            return
-        lens = offsets[self.source_index + 1] - offsets[self.source_index]
-        self.text_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        self.text_flat = (np.concatenate([flat[offsets[i]:offsets[i + 1]] for i in self.source_index])
-                          .astype(np.int32) if len(self.source_index) else np.zeros(0, np.int32))
+    def _need_tokens(self) -> TokenStore:
+        if self.tokens is None:
+            raise RuntimeError(f"dataset {self.name!r}: built without a tokenizer")
+        return self.tokens
 
-    def n_text(self, i: int) -> int:
-        return int(self.text_offsets[i + 1] - self.text_offsets[i])
+    def n_text(self, i):
+        """Token count(s) of `text(i)` (int or array)."""
+        c = self._need_tokens().counts(self.global_index(i))
+        return int(c) if np.ndim(c) == 0 else c
 
     def text_ids(self, i: int) -> list[int]:
-        return self.text_flat[self.text_offsets[i]:self.text_offsets[i + 1]].tolist()
+        return self._need_tokens().get(self.global_index(i)).tolist()
+
+    def plain_texts(self, idx: np.ndarray) -> list[str]:
+        """`[plain_text(i) for i in idx]`."""
+        return self.index.text.get_many(self.global_index(np.asarray(idx)))
+
+    @property
+    def text_offsets(self) -> np.ndarray:
+        """[N + 1] token offsets of this subset (computed on demand; `text_ids` reads the folder's store)."""
+        counts = self._need_tokens().counts(self.source_index)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    # -- latents --------------------------------------------------------------------------------------
+    def _read_latent(self, g: int, offset: int, size: int, frames: int, what: str) -> np.ndarray:
+        ix = self.index
+        shard = int(ix.shard[g])
+        z = load_npy(ix.read(shard, offset, size))
+        if z.ndim != 2 or z.shape[0] != frames:
+            raise ValueError(f"{ix.shards[shard]}: sample {ix.key[g]} has {what} shape {z.shape}, index says "
+                             f"{frames} frames")
+        return z
 
     def latent(self, i: int) -> np.ndarray:
-        """[T, 64] float16, read from its shard with one seek."""
-        off, size = self.samples[i]["latent"]
-        data = read_member(self.shards[self.shard_id[i]], off, size)
-        z = load_npy(data)
-        if z.ndim != 2 or z.shape[0] != self.frames[i]:
-            raise ValueError(f"{self.shards[self.shard_id[i]]}: sample {self.samples[i]['key']} has latent "
-                             f"shape {z.shape}, index says {self.frames[i]} frames")
-        return z
+        """[T, 64] float16, read from its shard with one pread."""
+        g, ix = self.global_index(i), self.index
+        return self._read_latent(g, int(ix.latent_offset[g]), int(ix.latent_size[g]), int(ix.frames[g]), "latent")
+
+    def ref_latent(self, i: int) -> np.ndarray:
+        """[R, 64] float16: the sample's own reference clip (its manifest `ref_audio`)."""
+        g, ix = self.global_index(i), self.index
+        if ix.ref_frames[g] <= 0:
+            raise ValueError(f"sample {ix.key[g]} of {self.path} has no reference clip of its own")
+        return self._read_latent(g, int(ix.ref_offset[g]), int(ix.ref_size[g]), int(ix.ref_frames[g]),
+                                 "reference latent")

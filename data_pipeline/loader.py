@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig, LayoutProbs, to_dict as _as_dict
 from .latent_dataset import LatentDataset
-from .packing import BatchPlanner, row_seed
+from .packing import OWN_REF, BatchPlanner, row_seed
 from .sequences import build_sequence
 from .tokenizer import TextTokenizer
 
@@ -50,12 +50,13 @@ class MicroBatchAssembler(Dataset):
             pos = 0
             for seg, s in enumerate(row, 1):
                 ds = self.datasets[s.ds]
-                seq = build_sequence(s.text_ids, ds.latent(s.idx), P,
-                                     ref=ds.latent(s.ref) if s.ref >= 0 else None,
+                ref = ds.ref_latent(s.idx) if s.ref == OWN_REF else ds.latent(s.ref) if s.ref >= 0 else None
+                text_ids = s.text_ids if s.text_ids is not None else ds.text_ids(s.idx)
+                seq = build_sequence(text_ids, ds.latent(s.idx), P, ref=ref,
                                      prompt=ds.latent(s.prompt) if s.prompt >= 0 else None)
                 L = len(seq["text_tokens"])
                 if L != s.length:
-                    raise RuntimeError(f"sample {ds.samples[s.idx]['key']} of {ds.path}: built {L} positions, "
+                    raise RuntimeError(f"sample {ds.key(s.idx)} of {ds.path}: built {L} positions, "
                                        f"planned {s.length} (index out of date?)")
                 for k, v in seq.items():
                     out[k][b, pos:pos + L] = v
@@ -68,7 +69,8 @@ class MicroBatchAssembler(Dataset):
 
 
 class PlanSampler(Sampler):
-    """Yields this rank's plans from a start point; records a planner snapshot per window (main process)."""
+    """Yields this rank's plans from a start point; records, per window, the planner snapshot at its start
+    and its micro-batches' first rows, and the planner state after it (main process)."""
 
     def __init__(self, loader: "VoxCPMDataLoader"):
         self.loader = loader
@@ -80,8 +82,9 @@ class PlanSampler(Sampler):
         empty = 0
         while True:
             snap, plans = planner.next_window()
+            ld._windows.append((snap["mbs"], snap, [p["row0"] for p in plans]))
+            ld._after_windows = copy.deepcopy(planner.state)
             if plans:
-                ld._windows.append((plans[0]["index"], snap))
                 empty = 0
             else:
                 empty += 1
@@ -115,12 +118,13 @@ class VoxCPMDataLoader:
         self._start_snapshot = copy.deepcopy(self.planner.state)
         self._start_global = 0
         self._consumed = 0          # micro-batches this rank has returned since the start point
-        self._windows: list[tuple[int, dict]] = []
+        self._windows: list[tuple[int, dict, list[int]]] = []    # (first micro-batch, snapshot, row0s)
+        self._after_windows: dict | None = None                    # planner state after the last window
         self._it = None
 
     # -- iteration ----------------------------------------------------------------------------------
     def _make_iter(self):
-        self._windows = []
+        self._windows, self._after_windows = [], None
         dl = DataLoader(MicroBatchAssembler(self.datasets, self.cfg), sampler=PlanSampler(self), batch_size=None,
                         num_workers=self.num_workers, persistent_workers=False,
                         prefetch_factor=self.cfg.prefetch_factor if self.num_workers > 0 else None)
@@ -142,16 +146,24 @@ class VoxCPMDataLoader:
         return self._start_global + self._consumed * self.dp_size
 
     def state_dict(self) -> dict:
+        """The position of the next micro-batch g: the snapshot of the window holding it and its first row,
+        looked up in what the sampler recorded (no re-planning unless g lies beyond it)."""
         g = self._next_global()
-        snap = self._start_snapshot
+        snap, row = self._start_snapshot, None
         if self._windows:
-            starts = [w[0] for w in self._windows]
-            i = bisect.bisect_right(starts, g) - 1
+            i = bisect.bisect_right([w[0] for w in self._windows], g) - 1
             if i >= 0:
-                snap = self._windows[i][1]
+                first, snap, row0s = self._windows[i]
                 del self._windows[:i]      # older windows are never needed again
+                if g - first < len(row0s):
+                    row = row0s[g - first]
+        after = self._after_windows
+        if row is None and after is not None and after["mbs"] == g:
+            snap, row = after, after["rows"]    # g opens the next (not yet planned) window
+        if row is None:
+            row = self._row_of(snap, g)
         return {"version": STATE_VERSION, "seed": self.cfg.seed, "datasets": self.names, "weights": self.weights,
-                "next_global_microbatch": g, "next_row": self._row_of(snap, g), "planner": copy.deepcopy(snap),
+                "next_global_microbatch": g, "next_row": row, "planner": copy.deepcopy(snap),
                 "dataset_sizes": [len(d) for d in self.datasets], "filters": copy.deepcopy(self.filters)}
 
     def _row_of(self, snap: dict, g: int) -> int:
@@ -184,7 +196,7 @@ class VoxCPMDataLoader:
         else:
             snap = self._stage_switch(state, snap, g)
         self._start_snapshot, self._start_global = snap, g
-        self._consumed, self._windows, self._it = 0, [], None
+        self._consumed, self._windows, self._after_windows, self._it = 0, [], None, None
 
     @staticmethod
     def _saved_filters(state: dict) -> list[dict]:

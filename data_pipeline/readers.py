@@ -4,7 +4,9 @@ Supported inputs (auto-detected by `encode.plan_units` / `encode.iter_inputs`):
 - Emilia-style webdataset tars: `<key>.<mp3|wav|flac|ogg>` + `<key>.json` {id, text, duration, speaker,
   language, dnsmos, ...}; extra fields are kept in `meta`.
 - The official fine-tuner's JSONL manifest: one object per line {audio, text, [ref_audio], [duration],
-  [dataset_id], [description | control | instruction]}; relative audio paths resolve against the file.
+  [ref_duration], [dataset_id], [speaker], [language], [dnsmos], [description | control | instruction]};
+  relative audio paths resolve against the file.
+Fields a reader does not use are listed in `RawSample.dropped` (encode counts and reports them by name).
 - A folder of audio files with same-named transcripts (`x.wav` + `x.txt`), searched recursively.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Iterator, Union
 from .audio import AUDIO_EXTENSIONS, BadSample
 
 DESCRIPTION_FIELDS = ("description", "voice_description", "control", "instruction")
+META_FIELDS = ("text", "speaker", "language", "id", "duration", "dnsmos", "dataset_id")   # normalize_meta's
+MANIFEST_FIELDS = ("audio", "ref_audio", "ref_duration")   # read by the manifest reader (durations: measured)
 
 
 @dataclass
@@ -27,7 +31,8 @@ class RawSample:
 
     key: str            # unique across all inputs: "<source name>/<sample id>"
     audio: Union[bytes, str]
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)     # may hold "ref_audio": a path (manifest reference clip)
+    dropped: tuple = ()                           # names of the source fields not used
 
 
 def normalize_meta(raw: dict, key: str) -> dict:
@@ -51,6 +56,21 @@ def normalize_meta(raw: dict, key: str) -> dict:
         if name in raw:
             meta[name] = raw[name]
     return meta
+
+
+def dropped_fields(raw: dict, meta: dict, also: tuple = ()) -> tuple:
+    """The fields of `raw` that carry something and that neither `normalize_meta` nor the reader (`also`)
+    uses: unknown fields, and description fields besides the one taken."""
+    used = set(META_FIELDS) | set(also)
+    taken = next((n for n in DESCRIPTION_FIELDS if isinstance(raw.get(n), str) and raw[n].strip()), None)
+    out = []
+    for k, v in raw.items():
+        if k in used or k == taken or v is None or v == "":
+            continue
+        if k in DESCRIPTION_FIELDS and not (isinstance(v, str) and v.strip()):
+            continue
+        out.append(k)
+    return tuple(sorted(out))
 
 
 def _source_name(path: Path) -> str:
@@ -79,9 +99,10 @@ def iter_emilia_tar(path: str | Path) -> Iterator[RawSample | BadSample]:
         except (ValueError, UnicodeDecodeError) as e:
             return BadSample("invalid_json", full_key, str(e))
         try:
-            return RawSample(full_key, audio[0][1], normalize_meta(raw, full_key))
+            meta = normalize_meta(raw, full_key)
         except BadSample as e:
             return e
+        return RawSample(full_key, audio[0][1], meta, dropped_fields(raw, meta))
 
     with tar:
         cur_key, members = None, {}
@@ -106,7 +127,8 @@ def iter_emilia_tar(path: str | Path) -> Iterator[RawSample | BadSample]:
 
 
 def iter_jsonl_manifest(path: str | Path) -> Iterator[RawSample | BadSample]:
-    """The official fine-tuner's manifest. A `ref_audio` path is kept in meta (`ref_audio`)."""
+    """The official fine-tuner's manifest. A `ref_audio` path (resolved) is kept in meta (`ref_audio`);
+    a missing audio or ref_audio file is a `missing_pair`."""
     path = Path(path)
     src = _source_name(path)
     with open(path, encoding="utf-8") as f:
@@ -134,7 +156,11 @@ def iter_jsonl_manifest(path: str | Path) -> Iterator[RawSample | BadSample]:
             if not os.path.isfile(audio):
                 yield BadSample("missing_pair", key, f"no audio file {audio}")
                 continue
-            yield RawSample(key, audio, meta)
+            if "ref_audio" in meta and not os.path.isfile(meta["ref_audio"]):
+                yield BadSample("missing_pair", key, f"no ref_audio file {meta['ref_audio']}")
+                continue
+            used = MANIFEST_FIELDS if "ref_audio" in meta or not raw.get("ref_audio") else ("audio", "ref_duration")
+            yield RawSample(key, audio, meta, dropped_fields(raw, meta, used))
 
 
 def iter_audio_folder(path: str | Path) -> Iterator[RawSample | BadSample]:
@@ -167,6 +193,8 @@ def iter_audio_folder(path: str | Path) -> Iterator[RawSample | BadSample]:
             yield BadSample("invalid_text", key, str(e))
             continue
         try:
-            yield RawSample(key, str(audio[0]), normalize_meta(raw, key))
+            meta = normalize_meta(raw, key)
         except BadSample as e:
             yield e
+            continue
+        yield RawSample(key, str(audio[0]), meta, dropped_fields(raw, meta))

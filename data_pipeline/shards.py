@@ -1,8 +1,9 @@
 """Deterministic webdataset tar shards of latents: byte-identical output for identical content.
 
-Per sample: `<key>.latent.npy` (float16 [T, 64], 25 Hz, NumPy format, no pickle) and `<key>.json`.
-Every shard `<name>.tar` has a sidecar `<name>.index.json` listing its samples with the byte offsets of
-their members, so the loader reads any sample with one seek and never scans tars.
+Per sample: `<key>.latent.npy` (float16 [T, 64], 25 Hz, NumPy format, no pickle), `<key>.json`, and
+`<key>.ref.latent.npy` (float16 [R, 64]) when the sample has a reference clip of its own (manifest
+`ref_audio`). Every shard `<name>.tar` has a sidecar `<name>.index.json` listing its samples with the byte
+offsets of their members, from which the folder's columnar index (index.py) is built.
 """
 from __future__ import annotations
 
@@ -62,21 +63,29 @@ def member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
         return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
 
 
-def write_latent_shard(path: str | Path, samples: list[tuple[str, np.ndarray, dict]]) -> list[dict]:
-    """Write `path` (.tar) and its `.index.json` atomically. samples: (key, latent [T, D] f16, meta).
+def write_latent_shard(path: str | Path, samples: list[tuple]) -> list[dict]:
+    """Write `path` (.tar) and its `.index.json` atomically. samples: (key, latent [T, D] f16, meta) or
+    (key, latent, meta, reference latent [R, D] f16 | None).
 
-    Returns the index entries: meta + {key, frames, latent: [offset, size], json: [offset, size]}.
+    Returns the index entries: meta + {key, frames, latent: [offset, size], json: [offset, size]} (+
+    {ref_frames, ref_latent: [offset, size]} with a reference).
     """
     path = Path(path)
     members = []
-    for key, latent, meta in samples:
+    for key, latent, meta, *ref in samples:
         members.append((f"{key}.latent.npy", npy_bytes(latent.astype(np.float16))))
+        if ref and ref[0] is not None:
+            members.append((f"{key}.ref.latent.npy", npy_bytes(ref[0].astype(np.float16))))
         members.append((f"{key}.json", json_bytes(meta)))
     data = tar_bytes(members)
     offsets = member_offsets(data)
-    index = [dict(meta, key=key, frames=int(latent.shape[0]),
-                  latent=list(offsets[f"{key}.latent.npy"]), json=list(offsets[f"{key}.json"]))
-             for key, latent, meta in samples]
+    index = []
+    for key, latent, meta, *ref in samples:
+        e = dict(meta, key=key, frames=int(latent.shape[0]), latent=list(offsets[f"{key}.latent.npy"]),
+                 json=list(offsets[f"{key}.json"]))
+        if ref and ref[0] is not None:
+            e.update(ref_frames=int(ref[0].shape[0]), ref_latent=list(offsets[f"{key}.ref.latent.npy"]))
+        index.append(e)
     atomic_write_bytes(path.with_suffix(".index.json"), json_bytes({"shard": path.name, "samples": index}))
     atomic_write_bytes(path, data)
     return index

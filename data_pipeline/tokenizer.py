@@ -33,6 +33,40 @@ class TextTokenizer:
     def __call__(self, text: str) -> list[int]:
         return self.hf.convert_tokens_to_ids(self.tokens(text))
 
+    def batch(self, texts: list[str]) -> list[list[int]]:
+        """`[self(t) for t in texts]`, encoded in one call of the Rust tokenizer (the encoding `tokenize`
+        runs per text); only ids whose token `__call__` maps differently (multi-character Chinese tokens,
+        tokens whose vocabulary id differs) are rewritten."""
+        if not texts:
+            return []
+        backend = self.hf.backend_tokenizer
+        if backend.encode_special_tokens != bool(self.hf.split_special_tokens):
+            return [self(t) for t in texts]
+        fix = self._id_rewrites()
+        out = []
+        for enc in backend.encode_batch(list(texts), add_special_tokens=False):
+            ids = enc.ids
+            if not fix.keys().isdisjoint(ids):
+                ids = [j for i in ids for j in fix.get(i, (i,))]
+            out.append(ids)
+        return out
+
+    def _id_rewrites(self) -> dict[int, list[int]]:
+        """{id: the ids `__call__` gives for its token} where that is not just [id]."""
+        if getattr(self, "_rewrites", None) is None:
+            backend, fix = self.hf.backend_tokenizer, {}
+            for i in range(backend.get_vocab_size(with_added_tokens=True)):
+                tok = backend.id_to_token(i)
+                if tok is None:
+                    continue
+                bare = tok.replace(METASPACE, "")
+                ids = self.hf.convert_tokens_to_ids(list(bare)) if bare in self.cjk_multichar else \
+                    [self.hf.convert_tokens_to_ids(tok)]
+                if ids != [i]:
+                    fix[i] = ids
+            self._rewrites = fix
+        return self._rewrites
+
     def fingerprint(self) -> str:
         """Hash of the tokenizer files (cache key of token-count indexes)."""
         h = hashlib.sha256()
