@@ -125,6 +125,7 @@ class TrainData:
     collective over the TP group when TP > 1."""
 
     def __init__(self, job, dp_rank: int, dp_size: int, seed_offset: int = 0):
+        from data_pipeline.index import IndexNotReady
         from data_pipeline.loader import VoxCPMDataLoader
 
         cfg = data_config(job)
@@ -136,7 +137,10 @@ class TrainData:
             raise ConfigError(f"data.row_tokens={cfg.row_tokens} exceeds model.max_length={job.model.max_length}")
         tp_rank, self.tp_size, group, src, device = _tp_context()
         self.is_reader = reads_data(tp_rank)
-        self.loader = VoxCPMDataLoader(cfg, dp_rank, dp_size, weights=blend_weights(job)) if self.is_reader else None
+        try:
+            self.loader = VoxCPMDataLoader(cfg, dp_rank, dp_size, weights=blend_weights(job)) if self.is_reader else None
+        except IndexNotReady as err:      # a large folder encoded before the columnar index: one line, the command
+            raise ConfigError(f"data.datasets: {err}") from None
         self._bcast = TPBatchBroadcast(group, src, self.is_reader, device) if self.tp_size > 1 else None
         n_tok = len(self.loader.tokenizer.hf) if self.is_reader else 0
         if self._bcast is not None:      # every TP rank raises the same error (none waits for a reader that left)
