@@ -77,6 +77,8 @@ class _ContextTable:
             self.pos[self.clips] = np.arange(len(self.clips)) - self.bounds[ds.speaker[self.clips]]
 
     def count(self, spk: np.ndarray) -> np.ndarray:
+        if len(self.bounds) < 2:          # no speaker at all (e.g. a manifest without a speaker column)
+            return np.zeros(len(spk), np.int64)
         s = np.maximum(spk, 0)
         return np.where(spk >= 0, self.bounds[s + 1] - self.bounds[s], 0)
 
