@@ -5,7 +5,7 @@ Official (voxcpm==2.0.3 package, as its fine-tuning script does): a batch of B u
 `AudioFeatureProcessingPacker` (AudioVAE V2 encode of every utterance inside the step, one padded row
 per utterance), `VoxCPM2Model.forward`, backward, grad-norm clip, AdamW, cosine LambdaLR.
 
-Ours: `python -m voxcpm_train.train experiment=demo` (megatron-core, latents encoded offline by
+Ours: `voxcpm-train experiment=demo` (megatron-core, latents encoded offline by
 `voxcpm-data encode`, packed rows, distributed optimizer), read back from run.dir/metrics.jsonl.
 
 Both: the tiny model config (configs/model/tiny.yaml, demo vocab), the small AudioVAE V2 config, the

@@ -279,10 +279,15 @@ def run_encode(inputs: list[str], out_dir: str, opts: EncodeOptions, rank: int |
                 "units": [u.name for u in units]}
     meta_path = out / "meta.json"
     if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old != json.loads(json_bytes(settings)):
+        old, new = json.loads(meta_path.read_text()), json.loads(json_bytes(settings))
+        upgrade = "fingerprint" not in (old.get("vae") or {})     # written before the VAE fingerprint was recorded
+        if upgrade:
+            new = dict(new, vae={k: v for k, v in new["vae"].items() if k != "fingerprint"})
+        if old != new:
             raise SystemExit(f"{out}: already holds shards encoded with other settings/inputs "
                              f"(see {meta_path}); use a new output folder")
+        if upgrade and rank == 0:     # same settings: record the fingerprint of the VAE the shards were encoded with
+            atomic_write_bytes(meta_path, json_bytes(settings))
     elif rank == 0:
         atomic_write_bytes(meta_path, json_bytes(settings))
 

@@ -6,6 +6,14 @@ import hashlib
 from pathlib import Path
 
 METASPACE = "\u2581"
+# the files of a model folder that make its tokenizer (the rest - config.json, weights - are not hashed or copied)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model")
+
+
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """The tokenizer files present in `folder` (a tokenizer folder, a model folder or an hf_assets)."""
+    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
 
 
 def _is_cjk(c: str) -> bool:
@@ -68,8 +76,9 @@ class TextTokenizer:
         return self._rewrites
 
     def fingerprint(self) -> str:
-        """Hash of the tokenizer files (cache key of token-count indexes)."""
+        """Hash of the tokenizer files (`TOKENIZER_FILES`; the key of stored token ids): the same for a model
+        folder, its import's hf_assets and a run's, whatever else they hold."""
         h = hashlib.sha256()
-        for name in sorted(p.name for p in self.path.iterdir() if p.suffix in (".json", ".model")):
-            h.update(name.encode() + (self.path / name).read_bytes())
+        for path in tokenizer_files(self.path):
+            h.update(path.name.encode() + path.read_bytes())
         return h.hexdigest()[:16]

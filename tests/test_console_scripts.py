@@ -154,6 +154,7 @@ def test_wheel_install_in_fresh_venv(tmp_path):
 
     job = _run([venv / "bin" / "voxcpm-train", "experiment=demo", "stage=anneal", "--cfg", "job"], cwd=cwd, env=env).stdout
     assert "max_steps: 40" in job and "name: anneal" in job
-    info = json.loads(_run([venv / "bin" / "voxcpm-model", "info", "--model", "voxcpm2_2b", "--json"],
-                           cwd=cwd, env=env).stdout)
+    info = json.loads(_run([venv / "bin" / "voxcpm-model", "info", "--model", "voxcpm2_2b", "--json", "--memory",
+                            "--peft", "lora"], cwd=cwd, env=env).stdout)
     assert info["parameters"]["total"] == 2_290_004_544            # DESIGN §3, from the packaged preset
+    assert info["memory"]["device_bytes"] > 0                      # the packaged peft preset

@@ -323,3 +323,18 @@ def test_planner_draws_equal_the_per_sample_rules(tmp_path, tok, layouts, max_re
     # the synthetic folder exercises the rules: own references, fallbacks to tts, drops
     assert own > 20 and counts["tts"] > 0 and planner.state["dropped"] > 0
     assert counts["clone_continuation"] > 0 and (counts["continuation"] > 0 or probs["continuation"] == 0)
+
+
+def test_tokenizer_fingerprint_is_the_tokenizer_files_only(tmp_path):
+    """A model folder, its import's hf_assets and a run's hold the same tokenizer next to other files
+    (config.json rewritten by the import, weights): same fingerprint, so stored token ids stay valid; a
+    changed tokenizer file changes it."""
+    base = TextTokenizer(TOKENIZER).fingerprint()
+    folder = tmp_path / "model"
+    shutil.copytree(TOKENIZER, folder)
+    (folder / "config.json").write_text(json.dumps({"architecture": "voxcpm2"}, indent=2))
+    (folder / "lora_info.json").write_text("{}")
+    assert TextTokenizer(folder).fingerprint() == base
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(cfg, model_max_length=123)))
+    assert TextTokenizer(folder).fingerprint() != base

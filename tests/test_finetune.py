@@ -198,3 +198,19 @@ def test_held_out_validation_reads_only_the_validation_set(user):
         x, y = next(a), next(b)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert a.state_dict() == b.state_dict()
+
+
+def test_finetune_from_a_training_checkpoint_takes_its_weights_only(user, finetuned):
+    """checkpoint.load = a training checkpoint (step 2 of `finetuned`): experiment=finetune
+    (checkpoint.load_weights_only=true) starts a new run at step 0 from its weights, instead of continuing
+    that run; load_weights_only=false on an import is one config error."""
+    ckpt = finetuned / "checkpoints" / (finetuned / "checkpoints/latest").read_text().strip()
+    proc = run_in(user, *finetune_cmd(f"checkpoint.load={ckpt}", "run.dir=runs/ft_from_run", "train.max_steps=1",
+                                      "data.tokenizer_path=Release", "data.encode.vae_path=Release/audiovae.safetensors",
+                                      "logging.val_every=0", "checkpoint.every=0"))
+    assert f"initial weights from {ckpt}" in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(user / "runs/ft_from_run")] == [1]
+
+    bad = run_in(user, *finetune_cmd("checkpoint.load_weights_only=false", "run.dir=runs/ft_bad", "train.max_steps=1",
+                                     "logging.val_every=0"), check=False)
+    assert bad.returncode == 2 and "checkpoint.load_weights_only=false" in bad.stderr, bad.stderr[-2000:]

@@ -256,6 +256,9 @@ def test_export_cli_and_errors(lora_run, tmp_path):
 
     proc = _cli_export(root / "import", tmp_path / "no_lora", "--lora", "adapter")
     assert proc.returncode == 1 and "not a LoRA checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ConversionError, match="--assets does not apply"):   # the adapter ships no AudioVAE
+        export_checkpoint(lora_run["ckpt"], tmp_path / "assets_adapter", assets=root / "import" / "hf_assets",
+                          lora="adapter")
 
     cfg = lora_run["cfg"]
     ranks = _write_lora_checkpoint(tmp_path, "ranks", root / "import", cfg, _peft(ranks={"feat_decoder": 4}))

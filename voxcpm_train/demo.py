@@ -45,7 +45,8 @@ def encode_corpus(src: Path, out: Path, env) -> None:
     # `voxcpm-data encode` resumes: shards already complete are not redone, and a folder encoded with
     # other settings is refused with a message naming it.
     _run(entry_point("voxcpm-data", "data_pipeline.cli") + ["encode", str(src), "--output", str(out),
-          "--config", "small", "--device", "cpu"], "encode the demo corpus (AudioVAE V2, small config)", env)
+          "--config", "small", "--device", "cpu", "--tokenizer", "demo_data/tokenizer"],
+         "encode the demo corpus (AudioVAE V2, small config; token ids stored in the index)", env)
 
 
 def reference_generate(export: Path, out_wav: Path, text: str) -> dict:

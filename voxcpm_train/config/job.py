@@ -232,7 +232,8 @@ def check_paths(job, given: dict, resuming: bool) -> None:
 # keys of the model config that do not shape the weights: how this run computes (the composed config
 # - preset, experiment, command line - wins over the checkpoint's)
 MODEL_RUN_KEYS = ("attention_backend", "params_dtype", "init_method_std", "pipeline_layers",
-                  "recompute_granularity", "recompute_method", "recompute_num_layers")
+                  "recompute_granularity", "recompute_method", "recompute_num_layers",
+                  "transformer_impl", "packed_seq_format", "fp8", "fp8_recipe", "fp8_amax_history_len")
 # training-recipe keys stored in a checkpoint: the checkpoint's unless given on the command line
 MODEL_RECIPE_KEYS = ("flow", "lambda_diff", "lambda_stop", "max_length")
 
@@ -279,6 +280,7 @@ def model_from_checkpoint(job, ckpt: Path, label: str, cli: Sequence[str]):
 
     from voxcpm_train.convert.checkpoint import CONFIG_YAML, read_checkpoint_config
     from voxcpm_train.convert.mapping import ConversionError
+    from voxcpm_train.platform import dist_env   # rank 0 logs (torchrun or srun), before the process group
 
     if not (ckpt / CONFIG_YAML).is_file():
         log.warning(f"{label} has no {CONFIG_YAML}: the model config is the composed one (model preset)")
@@ -302,7 +304,7 @@ def model_from_checkpoint(job, ckpt: Path, label: str, cli: Sequence[str]):
                 raise ConfigError(f"model={preset} sets {leaf}={want[leaf]} but {label} has {have.get(leaf)} "
                                   f"(the model config comes from the checkpoint: drop model={preset})")
     differ = [k for k in want if _is_weight_key(k) and want[k] != have.get(k)]
-    if differ and os.environ.get("RANK", "0") == "0":
+    if differ and dist_env().rank == 0:
         log.info(f"model config from {label}; the composed model preset differs in {differ[:6]}"
                  f"{' ...' if len(differ) > 6 else ''} (not used)")
     node, composed = OmegaConf.structured(saved), OmegaConf.structured(job.model)

@@ -406,25 +406,8 @@ def load_model_preset(name_or_path: str, overrides: Optional[List[str]] = None) 
 
     `overrides` are dotlist entries without the `model.` prefix (e.g. `lm.num_layers=4`).
     """
-    from pathlib import Path
+    from voxcpm_train.config import load_preset
 
-    from omegaconf import OmegaConf
-
-    path = Path(name_or_path)
-    if not path.suffix:
-        from voxcpm_train.config import config_dir
-
-        path = Path(str(config_dir() / "model" / f"{name_or_path}.yaml"))
-    if not path.is_file():
-        raise ConfigError(f"model preset {name_or_path!r}: file {path} not found")
-    raw = OmegaConf.load(path)
-    if "defaults" in raw:
-        raw.pop("defaults")
-    schema = OmegaConf.structured(ModelConfig)
-    try:
-        merged = OmegaConf.merge(schema, raw, OmegaConf.from_dotlist(list(overrides or [])))
-    except Exception as err:  # omegaconf names the key in its message
-        raise ConfigError(f"model preset {path}: {err}") from err
-    cfg = OmegaConf.to_object(merged)
+    cfg = load_preset("model", ModelConfig, name_or_path, overrides)
     validate_model_config(cfg)
     return cfg

@@ -89,8 +89,10 @@ def single_process_megatron() -> Iterator[None]:
 
 
 def _single_stage(config):
-    """``config`` for one pipeline stage in float32 (the stage cut and dtype are the run's choice)."""
-    return dataclasses.replace(config, pipeline_layers=None, params_dtype="float32")
+    """``config`` for one pipeline stage in float32 with megatron's local layers (the stage cut, dtype,
+    layer implementation and FP8 are the run's choice; both layer implementations store the same keys)."""
+    return dataclasses.replace(config, pipeline_layers=None, params_dtype="float32", transformer_impl="local",
+                               fp8=None)
 
 
 def build_model(config):
@@ -252,7 +254,12 @@ def export_checkpoint(src, dst, assets=None, dtype: Optional[str] = None, model_
     if lora not in lora_export.LORA_EXPORTS:
         raise ConversionError(f"lora={lora!r} is not one of {lora_export.LORA_EXPORTS}")
     peft = lora_export.read_checkpoint_peft(src)
-    if lora == "adapter":
+    if lora == "adapter":   # ships no AudioVAE: it is loaded onto the base folder, whose VAE is the import's
+        if assets is not None:
+            raise ConversionError("--assets does not apply to --lora adapter (the adapter folder holds only the "
+                                  "adapters; it is loaded onto the base model folder)")
+        if (src / ASSETS_DIR / VAE_FILE).is_file():
+            check_export_vae(_recorded_latents_vae(src), src / ASSETS_DIR, src)
         return lora_export.export_adapter(src, dst, config, peft, dtype=dtype)
     assets_dir = Path(assets) if assets is not None else src / ASSETS_DIR
     if not (assets_dir / CONFIG_FILE).is_file():

@@ -31,7 +31,6 @@ target choices is expressed exactly as long as the rank and alpha are uniform.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -158,33 +157,28 @@ def reference_lora_config(peft: PeftConfig) -> Tuple[dict, bool]:
     return fields, default
 
 
-def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors writes 0600: colleagues on a shared cluster must read it
-
-
 def write_adapter_folder(dst, tensors: Dict[str, torch.Tensor], lora_config: dict, info: dict,
                          dtype: Optional[str] = None) -> Path:
-    """`dst/lora_weights.safetensors` (+ lora_config.json, lora_info.json), world-readable."""
-    from voxcpm_train.convert.folder import DTYPES
+    """`dst/lora_weights.safetensors` (+ lora_config.json, lora_info.json), in the usual file mode (0644)."""
+    from voxcpm_train.convert.folder import DTYPES, save_safetensors
 
     dst = Path(dst)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     dst.mkdir(parents=True, exist_ok=True)
-    _write_safetensors({k: v.to(DTYPES[dtype]) if dtype else v for k, v in tensors.items()}, dst / ADAPTER_FILE)
+    save_safetensors({k: (v.to(DTYPES[dtype]) if dtype else v).detach().cpu().contiguous() for k, v in tensors.items()},
+                     dst / ADAPTER_FILE, metadata={"format": "pt"})
     for name, obj in ((ADAPTER_CONFIG_FILE, lora_config), (ADAPTER_INFO_FILE, info)):
         (dst / name).write_text(json.dumps(obj, indent=2) + "\n")
-        os.chmod(dst / name, 0o644)
     return dst
 
 
 def _base_of_run(src: Path) -> Optional[str]:
     from omegaconf import OmegaConf
 
-    path = src / "config.yaml"
+    from voxcpm_train.convert.checkpoint import CONFIG_YAML
+
+    path = src / CONFIG_YAML
     if not path.is_file():
         return None
     raw = OmegaConf.load(path)

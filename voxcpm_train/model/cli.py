@@ -19,24 +19,10 @@ def _init_single_process() -> None:
 
 def load_peft_preset(name_or_path: str, overrides: Optional[List[str]] = None):
     """`configs/peft/<name>.yaml` (or a YAML path) as a validated PeftConfig."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from voxcpm_train.config.model import ConfigError
+    from voxcpm_train.config import load_preset
     from voxcpm_train.config.peft import PeftConfig, validate_peft_config
 
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = Path(__file__).resolve().parents[2] / "configs" / "peft" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"peft preset {name_or_path!r}: file {path} not found")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(PeftConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-    except Exception as err:  # omegaconf names the key
-        raise ConfigError(f"peft preset {path}: {err}") from err
-    peft = OmegaConf.to_object(merged)
+    peft = load_preset("peft", PeftConfig, name_or_path, overrides)
     validate_peft_config(peft)
     return peft
 

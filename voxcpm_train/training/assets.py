@@ -11,7 +11,6 @@ from pathlib import Path
 
 log = logging.getLogger("voxcpm_train")
 ASSETS = "hf_assets"
-_NOT_TOKENIZER = {"config.json", "audiovae.safetensors", "audiovae.pth", "model.safetensors", "pytorch_model.bin"}
 
 
 def write_run_assets(job, run_dir: Path) -> Path:
@@ -23,6 +22,7 @@ def write_run_assets(job, run_dir: Path) -> Path:
         shutil.copytree(Path(job.checkpoint.load) / ASSETS, dst, symlinks=False)
         return dst
     from data_pipeline.audio_vae import AudioVAEConfig
+    from data_pipeline.tokenizer import tokenizer_files
 
     from voxcpm_train.convert.folder import export_reference_config, save_safetensors
 
@@ -40,10 +40,8 @@ def write_run_assets(job, run_dir: Path) -> Path:
         save_safetensors({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp / "audiovae.safetensors")
     config = export_reference_config(job.model, {"audio_vae_config": vae_cfg.to_dict()}, dtype="float32")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for item in Path(job.data.tokenizer_path).iterdir():
-        # a model folder (or an hf_assets) as the tokenizer folder: only its tokenizer files
-        if item.is_file() and item.name not in _NOT_TOKENIZER:
-            shutil.copyfile(item, tmp / item.name)
+    for item in tokenizer_files(job.data.tokenizer_path):   # a model folder as the tokenizer folder: only these
+        shutil.copyfile(item, tmp / item.name)
     os.replace(tmp, dst)
     log.info(f"reference-folder assets (config.json, AudioVAE, tokenizer) -> {dst}")
     return dst

@@ -82,8 +82,13 @@ class Trainer:
             if not is_complete_checkpoint(resume_dir):
                 raise ConfigError(f"checkpoint.load={job.checkpoint.load} is not a complete checkpoint "
                                   f"(no model/ and extra_state.json)")
-            # a training checkpoint continues its run; anything else (voxcpm-import) gives weights only
-            weights_only = "stage" not in ckio.read_trainer_state(resume_dir)
+            # by default a training checkpoint continues its run; anything else (voxcpm-import) gives weights only
+            is_run = "stage" in ckio.read_trainer_state(resume_dir)
+            want = job.checkpoint.load_weights_only
+            if want is False and not is_run:
+                raise ConfigError(f"checkpoint.load_weights_only=false but checkpoint.load={job.checkpoint.load} is "
+                                  f"not a training checkpoint (a voxcpm-import holds weights only)")
+            weights_only = not is_run if want is None else bool(want)
         self.resume_dir = resume_dir
         state = ckio.read_trainer_state(resume_dir) if resume_dir and not weights_only else None
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 from voxcpm_train.config.model import ConfigError
 from voxcpm_train.convert.folder import VAE_FILE
+from voxcpm_train.platform import dist_env      # rank 0 warns (torchrun or srun), before the process group
 
 log = logging.getLogger("voxcpm_train")
 
@@ -160,7 +160,7 @@ def sample_vae(job, latents: dict) -> dict:
 
 def loud_warning(lines: list[str]) -> None:
     """A framed WARNING (once per job: the process of RANK 0; start-up runs before torch.distributed)."""
-    if os.environ.get("RANK", "0") != "0":
+    if dist_env().rank != 0:
         return
     bar = "!" * 100
     log.warning("\n".join([bar, *[f"!!  {l}" for l in lines], bar]))
@@ -202,7 +202,7 @@ def check_job_vae(job, given: Optional[dict] = None) -> dict:
                               f"{fix} (or re-encode)")
         raise ConfigError(f"data.encode.vae_path=null means {describe(samples)}, but {where[0]}={where[1]} was "
                           f"encoded with {describe(latents)}: set data.encode.vae_path={latents.get('weights')}")
-    if same is None and os.environ.get("RANK", "0") == "0":
+    if same is None and dist_env().rank == 0:
         log.warning(f"{where[0]}={where[1]} names the AudioVAE {latents.get('weights')}, which does not exist "
                     f"here: cannot check that data.encode.vae_path={vae_path} is the same VAE")
     if latents.get("weights") == RANDOM and not enc.allow_random_init:
