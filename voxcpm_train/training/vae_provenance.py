@@ -184,10 +184,8 @@ def check_job_vae(job, given: Optional[dict] = None) -> dict:
                           f"{describe(latents)}: set {hint}")
     for key, assets in _export_assets(job, given):
         vae_file = assets / VAE_FILE
-        if not vae_file.is_file():
-            continue
-        exported = file_identity(vae_file)
-        if same_vae(latents, exported) is False:
+        exported = mismatching_assets_vae(latents, assets)
+        if exported is not None:
             raise ConfigError(
                 f"{key}: its AudioVAE {vae_file} (what voxcpm-export ships with the model, fingerprint "
                 f"{exported['fingerprint']}) is not the one {where[0]}={where[1]} was encoded with "
@@ -228,6 +226,16 @@ def _export_assets(job, given: dict) -> list[tuple[str, Path]]:
     return out
 
 
+def mismatching_assets_vae(latents: dict, assets_dir) -> Optional[dict]:
+    """The identity of `assets_dir`'s audiovae.safetensors when it is known to differ from the VAE of the
+    latents (`latents`), else None (the same, unknown, or a .pth AudioVAE, which is not fingerprinted)."""
+    vae_file = Path(assets_dir) / VAE_FILE
+    if not vae_file.is_file():
+        return None
+    exported = file_identity(vae_file)
+    return exported if same_vae(latents, exported) is False else None
+
+
 def check_export_vae(recorded: Optional[dict], assets_dir, src) -> None:
     """`voxcpm-export`: the AudioVAE of `assets_dir` must be the one the checkpoint's training latents
     were encoded with (`recorded`, from its extra_state.json; None = an import, nothing to compare)."""
@@ -236,10 +244,8 @@ def check_export_vae(recorded: Optional[dict], assets_dir, src) -> None:
     if not recorded:
         return
     vae_file = Path(assets_dir) / VAE_FILE
-    if not vae_file.is_file():
-        return      # a .pth AudioVAE: read_reference_folder loads it; not fingerprinted
-    exported = file_identity(vae_file)
-    if same_vae(recorded, exported) is False:
+    exported = mismatching_assets_vae(recorded, assets_dir)
+    if exported is not None:
         raise ConversionError(
             f"{vae_file} (fingerprint {exported['fingerprint']}) is not the AudioVAE the training latents of "
             f"{src} were encoded with ({describe(recorded)}); the exported model would decode to noise. "
