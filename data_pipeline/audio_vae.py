@@ -265,10 +265,11 @@ def state_fingerprint(state: dict) -> str:
 
 
 def load_audio_vae(path: str | None, config: AudioVAEConfig, with_decoder: bool = True,
-                   seed: int = 0) -> tuple[AudioVAEV2, dict]:
+                   seed: int = 0, fingerprint: bool = False) -> tuple[AudioVAEV2, dict]:
     """Build the codec; load `path` (safetensors, strict for the built parts) or seed a random init.
 
-    Returns (model in eval mode, provenance dict for output metadata).
+    Returns (model in eval mode, provenance dict for output metadata; with `fingerprint`, a loaded file's
+    `state_fingerprint` is recorded in it: one pass over every tensor, done when encoding).
     """
     if path is None:
         torch.manual_seed(seed)
@@ -279,7 +280,9 @@ def load_audio_vae(path: str | None, config: AudioVAEConfig, with_decoder: bool 
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"{path}: only .safetensors weights are loaded (no pickles)")
     state = load_file(str(path))
-    fingerprint = state_fingerprint(state)
+    provenance = {"weights": str(path), "config": config.to_dict()}
+    if fingerprint:
+        provenance["fingerprint"] = state_fingerprint(state)
     vae = AudioVAEV2(config, with_decoder)
     wanted = set(vae.state_dict())
     state = {k: v for k, v in state.items() if k in wanted or with_decoder}
@@ -287,4 +290,4 @@ def load_audio_vae(path: str | None, config: AudioVAEConfig, with_decoder: bool 
     if missing or unexpected:
         raise ValueError(f"{path}: does not match AudioVAE V2 {config}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    return vae.eval(), {"weights": str(path), "fingerprint": fingerprint, "config": config.to_dict()}
+    return vae.eval(), provenance

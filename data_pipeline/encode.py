@@ -132,7 +132,7 @@ class LatentEncoder:
         self.opts = opts
         self.device = pick_device(opts.device)
         self.vae, self.provenance = load_audio_vae(opts.vae_path, AudioVAEConfig.preset(opts.vae_config),
-                                                   with_decoder=False, seed=opts.seed)
+                                                   with_decoder=False, seed=opts.seed, fingerprint=True)
         self.dtype = getattr(torch, opts.dtype)
         self.vae.to(self.device, self.dtype)
         self.pad_unit = self.vae.hop_length * opts.frames_multiple
@@ -182,11 +182,12 @@ def encode_unit(unit: Unit, encoder: LatentEncoder, out_dir: Path, pbar: Progres
     seconds = 0.0
     pending: list[tuple[str, np.ndarray, dict, np.ndarray | None]] = []
 
-    def flush():   # targets and reference clips in one length-sorted batching
-        audios = [a for _, a, _, _ in pending] + [r for _, _, _, r in pending if r is not None]
-        latents = encoder(audios)
-        refs = iter(latents[len(pending):])
-        kept.extend((k, z, m, next(refs) if r is not None else None)
+    def flush():   # targets and reference clips in one length-sorted batching; a reference clip shared by
+        # several rows (one per speaker, say) is encoded once
+        refs = {m["ref_audio"]: r for _, _, m, r in pending if r is not None}
+        latents = encoder([a for _, a, _, _ in pending] + list(refs.values()))
+        ref_latent = dict(zip(refs, latents[len(pending):]))
+        kept.extend((k, z, m, ref_latent[m["ref_audio"]] if r is not None else None)
                     for (k, _, m, r), z in zip(pending, latents[:len(pending)]))
         pending.clear()
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import SampleFilter, to_dict
 from .index import SampleIndex, TokenStore, open_index, open_tokens, open_tokens_file
-from .sequences import text_with_description
+from .sequences import num_patches, text_with_description
 from .shards import load_npy
 from .tokenizer import TextTokenizer
 
@@ -156,11 +156,11 @@ class LatentDataset:
         self._gidx = self._apply_filter()                 # None: every sample of the folder
         take = (lambda a: a) if self._gidx is None else (lambda a: a[self._gidx])
         self.frames = take(ix.frames)
-        self.patches = ((self.frames.astype(np.int64) + patch_size - 1) // patch_size).astype(np.int32)
+        self.patches = num_patches(self.frames.astype(np.int64), patch_size).astype(np.int32)
         self.speaker = take(ix.speaker)
         self.shard_id = take(ix.shard)
         self.has_description = take(ix.has_description)
-        self.ref_patches = (((take(ix.ref_frames).astype(np.int64) + patch_size - 1) // patch_size).astype(np.int32)
+        self.ref_patches = (num_patches(take(ix.ref_frames).astype(np.int64), patch_size).astype(np.int32)
                             if ix.has_references else None)
         self.by_speaker = SpeakerGroups(*self._speaker_groups())
         self.samples = SampleRecords(self)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import DataConfig
 from .latent_dataset import LatentDataset
-from .sequences import LAYOUTS
+from .sequences import LAYOUTS, sequence_lengths
 from .tokenizer import TextTokenizer
 
 MASK64 = (1 << 64) - 1
@@ -186,11 +186,11 @@ class BatchPlanner:
             for k, x in zip(cont.tolist(), ids):
                 joined[k] = x
                 n_text[k] = len(x)
-        length = n_text + 2 + a + np.where(wants_ref, r + 2, 0) + q
+        length = sequence_lengths(n_text, a, r, q, wants_ref)
         back = (length > cfg.row_tokens) & (lay != TTS)
         lay = np.where(back, TTS, lay)
         ref, prompt = np.where(back, -1, ref), np.where(back, -1, prompt)
-        length = np.where(back, n_own + 2 + a, length)
+        length = np.where(back, sequence_lengths(n_own, a), length)
         for k in np.flatnonzero(back & wants_prompt):
             joined[k] = None
         length = np.where(length > cfg.row_tokens, -1, length)

@@ -10,30 +10,29 @@ Loss (and the stop label on the last) only on the A target patches.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 AUDIO_START, AUDIO_END, REF_START, REF_END = 101, 102, 103, 104
 LAYOUTS = ("tts", "clone", "continuation", "clone_continuation")
 
 
-def num_patches(frames: int, patch_size: int) -> int:
-    return math.ceil(frames / patch_size)
+def num_patches(frames, patch_size: int):
+    """Patches of `frames` latent frames (the last one zero-padded); ints or integer arrays."""
+    return -(-frames // patch_size)
+
+
+def sequence_lengths(n_text, a, r=0, q=0, with_ref=False):
+    """Positions of samples (ints or arrays): `[103, ref×r, 104]` when `with_ref`, the `n_text` (joined)
+    text ids, `101`, the `q` prompt and `a` target patches, `102`."""
+    return n_text + 2 + a + q + np.where(with_ref, r + 2, 0)
 
 
 def sequence_length(layout: str, n_text: int, a: int, r: int = 0, q: int = 0) -> int:
-    """Positions of a sample; n_text counts the (joined) text ids, a/r/q are patch counts."""
-    base = n_text + 2 + a
-    if layout == "tts":
-        return base
-    if layout == "clone":
-        return base + r + 2
-    if layout == "continuation":
-        return base + q
-    if layout == "clone_continuation":
-        return base + q + r + 2
-    raise ValueError(f"unknown layout {layout!r}")
+    """Positions of a sample of `layout`; n_text counts the (joined) text ids, a/r/q are patch counts."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    with_ref, with_prompt = layout in ("clone", "clone_continuation"), layout in ("continuation", "clone_continuation")
+    return int(sequence_lengths(n_text, a, r, q if with_prompt else 0, with_ref))
 
 
 def to_patches(latent: np.ndarray, patch_size: int) -> np.ndarray:
