@@ -6,12 +6,17 @@ member's data 64-byte aligned (a zipalign-style padding extra field). `map_npz` 
 with `mmap` and returns each member as a read-only ndarray view into it: no copy, no per-process memory —
 every process that maps the file shares its pages. Also reads `.npz` files written by `np.savez` (stored
 members; their data is then not aligned, which numpy handles).
+
+Members read sparsely at random (the UTF-8 bytes of the text column) can instead be returned as a
+`FileBytes`: slices are `pread` from the page cache, so a process holds only what it asked for, not every
+page it ever touched (a mapped page stays in the process' RSS once touched).
 """
 from __future__ import annotations
 
 import mmap
 import os
 import struct
+import threading
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -89,9 +94,73 @@ class NpzWriter:
         self.close(commit=exc_type is None)
 
 
-def map_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """{member name without `.npy`: read-only ndarray view of the mapped file}. Compressed members or
-    object arrays are refused (nothing is unpickled)."""
+class FileBytes:
+    """`nbytes` bytes of `path` from `offset` on, read on demand: `fb[a:b] -> bytes` (one `pread`).
+
+    A stand-in for a 1-D uint8 member where slices are all that is used. Safe across fork/spawn: a new
+    process opens its own descriptor (a pickled FileBytes carries the path, not the descriptor)."""
+
+    def __init__(self, path: str | Path, offset: int, nbytes: int):
+        self.path, self.offset, self.nbytes = str(path), int(offset), int(nbytes)
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def _fileno(self) -> int:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def warm_page_cache(self) -> threading.Thread:
+        """Read the bytes once, sequentially, in a background thread, so that the page cache holds them:
+        random reads of a cold file are one small disk read each (no readahead), a sequential pass runs
+        at disk speed (and at memory speed for the node's other ranks). Nothing is kept in the process."""
+        def run(fd=os.open(self.path, os.O_RDONLY), offset=self.offset, end=self.offset + self.nbytes):
+            buf = bytearray(4 << 20)
+            try:
+                while offset < end:
+                    n = os.preadv(fd, [memoryview(buf)[:min(len(buf), end - offset)]], offset)
+                    if n <= 0:
+                        break
+                    offset += n
+            finally:
+                os.close(fd)
+
+        t = threading.Thread(target=run, name=f"warm {Path(self.path).name}", daemon=True)
+        t.start()
+        return t
+
+    def __getitem__(self, s: slice) -> bytes:
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise TypeError("FileBytes supports contiguous slices only")
+        a, b, _ = s.indices(self.nbytes)
+        if b <= a:
+            return b""
+        data = os.pread(self._fileno(), b - a, self.offset + a)
+        if len(data) != b - a:
+            raise OSError(f"{self.path}: short read at offset {self.offset + a} ({len(data)} of {b - a} bytes)")
+        return data
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "offset": self.offset, "nbytes": self.nbytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def map_npz(path: str | Path, read_on_demand: Iterable[str] = ()) -> dict[str, np.ndarray | FileBytes]:
+    """{member name without `.npy`: read-only ndarray view of the mapped file}; the 1-D uint8 members
+    named in `read_on_demand` come as `FileBytes` instead (not mapped). Compressed members or object
+    arrays are refused (nothing is unpickled)."""
+    read_on_demand = set(read_on_demand)
     path = Path(path)
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
@@ -115,9 +184,14 @@ def map_npz(path: str | Path) -> dict[str, np.ndarray]:
             if dtype.hasobject:
                 raise ValueError(f"{path}: member {zi.filename} holds Python objects (refused, no pickle)")
             count = int(np.prod(shape, dtype=np.int64))
+            name = zi.filename[:-4] if zi.filename.endswith(".npy") else zi.filename
+            if name in read_on_demand:
+                if dtype != np.uint8 or len(shape) != 1:
+                    raise ValueError(f"{path}: member {zi.filename} ({dtype}, {shape}) is not a byte string")
+                out[name] = FileBytes(path, f.tell(), count)
+                continue
             arr = np.ndarray(shape, dtype=dtype, buffer=mm, offset=f.tell(), order="F" if fortran else "C") \
                 if count else np.zeros(shape, dtype)
             arr.flags.writeable = False
-            name = zi.filename[:-4] if zi.filename.endswith(".npy") else zi.filename
             out[name] = arr
     return out

@@ -17,7 +17,7 @@ from data_pipeline.config import DataConfig, DatasetConfig, LayoutProbs
 from data_pipeline.encode import EncodeOptions, run_encode
 from data_pipeline.index import INDEX_FILE, IndexNotReady
 from data_pipeline.latent_dataset import LatentDataset
-from data_pipeline.mapped_npz import NpzWriter, map_npz
+from data_pipeline.mapped_npz import FileBytes, NpzWriter, map_npz
 from data_pipeline.packing import LAYOUTS, OWN_REF, BatchPlanner, Sample
 from data_pipeline.sequences import num_patches, sequence_length, text_with_description
 from data_pipeline.shards import json_bytes
@@ -79,6 +79,12 @@ def test_columns_equal_the_sidecars_and_tokens_the_tokenizer(latents, tok):
             np.testing.assert_array_equal(z[k], mapped[k])
     assert not ix.frames.flags.writeable and ix.frames.base is not None
     assert len(list(latents.glob("tokens-*.npz"))) == 1
+    # the string bytes are read on demand (pread), not mapped: the same strings as numpy's arrays
+    assert isinstance(ix.text.data, FileBytes) and isinstance(ix.key.data, FileBytes)
+    with np.load(latents / INDEX_FILE) as z:
+        texts = [bytes(z["text_bytes"][a:b]).decode() for a, b in zip(z["text_offsets"][:-1], z["text_offsets"][1:])]
+    assert [ix.text[g] for g in range(ix.n)] == texts == ix.text.range(0, ix.n) == ix.text.get_many(np.arange(ix.n))
+    assert ix.text.range(5, 9) == texts[5:9] and ix.text.range(3, 3) == []
 
 
 def test_datasets_on_a_folder_share_one_mapping(latents, tok):
@@ -127,6 +133,32 @@ def test_old_folder_builds_its_index_or_names_the_command(latents, tmp_path, mon
     small = _copy(latents, tmp_path / "small")
     (small / INDEX_FILE).unlink()
     assert LatentDataset(small).index.n == 23 and (small / INDEX_FILE).is_file()
+
+
+def test_ranks_starting_together_build_a_small_folder_once(latents, tmp_path):
+    """While one process holds the folder's build lock (building), another one starting on the folder
+    waits for it and then maps what it wrote instead of building a second copy."""
+    folder = _copy(latents, tmp_path / "f")
+    for f in folder.glob("*.npz"):
+        f.unlink()
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            "from data_pipeline.latent_dataset import LatentDataset\n"
+            "from data_pipeline.tokenizer import TextTokenizer\n"
+            "tok = TextTokenizer(sys.argv[2]); print('opening', flush=True)\n"
+            "ds = LatentDataset(sys.argv[1], tok, 4); print(ds.index.digest, ds.text_ids(3), flush=True)\n")
+    with index_mod.build_lock(folder):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder), TOKENIZER], env=ENV, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "opening"
+        import time
+        time.sleep(1.0)                      # it finds no index and blocks on the lock
+        assert proc.poll() is None and not (folder / INDEX_FILE).exists()
+        index_mod.build_folder_index(folder, TOKENIZER, workers=1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    ds = LatentDataset(folder, TextTokenizer(TOKENIZER), 4)
+    assert out.split()[0] == ds.index.digest
+    assert "building the sample index" not in err and "tokenizing" not in err, err
 
 
 def test_stale_index_is_detected(latents, tmp_path, monkeypatch):
@@ -198,6 +230,18 @@ def test_npz_files_are_deterministic_aligned_and_never_unpickled(tmp_path):
     assert m["c"].tolist() == [0, 1, 0, 1, 2]
     with np.load(tmp_path / "x.npz") as z:
         assert z["c"].tolist() == [0, 1, 0, 1, 2]
+    # a byte member read on demand: slices by pread, in this process, a pickled copy and a forked child
+    fb = map_npz(tmp_path / "x.npz", read_on_demand=["s"])["s"]
+    raw = "héllo".encode()
+    assert isinstance(fb, FileBytes) and len(fb) == len(raw)
+    assert fb[0:len(raw)] == raw and fb[1:3] == raw[1:3] and fb[4:2] == b"" and fb[-2:] == raw[-2:]
+    import pickle
+    assert pickle.loads(pickle.dumps(fb))[2:5] == raw[2:5]
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(fb.__getitem__, (slice(0, 3),)) == raw[:3]
+    with pytest.raises(ValueError, match="not a byte string"):
+        map_npz(tmp_path / "x.npz", read_on_demand=["a"])
     np.savez_compressed(tmp_path / "z.npz", a=np.arange(3))
     with pytest.raises(ValueError, match="compressed"):
         map_npz(tmp_path / "z.npz")
