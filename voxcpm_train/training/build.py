@@ -73,6 +73,8 @@ def build_model_and_optimizer(job, platform):
     model_cfg = job.model
     if p.recompute != "none":       # parallel.recompute drives the model's activation recompute
         model_cfg = dataclasses.replace(model_cfg, recompute_granularity=p.recompute)
+    if p.recompute_local != "none":  # parallel.recompute_local: that of the LocEnc/LocDiT layers
+        model_cfg = dataclasses.replace(model_cfg, recompute_local_granularity=p.recompute_local)
     # optim.precision decides the compute dtype: bf16 weights/activations (fp32 main params, grads reduced
     # in fp32, fp32 Adam state in megatron's optimizer) or fp32 throughout
     model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16" if bf16 else "float32")
