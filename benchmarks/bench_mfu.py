@@ -186,7 +186,7 @@ def run_ours(name: str, args, platform) -> dict:
 
     from voxcpm_train.config.model import load_model_preset
     from voxcpm_train.model import VoxCPMModel
-    from voxcpm_train.parallel import build_model_chunks, build_optimizer, build_scheduler, train_step
+    from voxcpm_train.parallel import build_model_chunks, build_optimizer, build_scheduler, train_step, unwrap_model
     from voxcpm_train.training.flops import BatchShape, peak_flops_per_device, training_flops
     from voxcpm_train.training.forward import make_forward_step
 
@@ -201,20 +201,6 @@ def run_ours(name: str, args, platform) -> dict:
         overrides.append(f"fp8={fp8}")
     cfg = load_model_preset(preset, overrides)
     rows = args.rows or max(1, (8192 if cuda else 512) // T)
-
-    def provider(pre_process, post_process):
-        return VoxCPMModel(cfg, pre_process=pre_process, post_process=post_process,
-                           use_cpu_initialization=not cuda)
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, use_distributed_optimizer=True,
-                                        overlap_grad_reduce=True, overlap_param_gather=True)
-    chunks = build_model_chunks(provider, ddp, device=platform.device, param_dtype=dtype)
-    opt = build_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.1, clip_grad=1.0,
-                                          bf16=bf16, params_dtype=dtype, use_distributed_optimizer=True), chunks)
-    sched = build_scheduler(opt, max_lr=1e-4, min_lr=1e-5)
-    forward_step = make_forward_step(cfg, platform.device)
-
     n_mb = args.microbatches
     total_steps = args.warmup + args.steps
     samples = draw_samples(total_steps * n_mb * rows * (T // 60 + 4), seed=1, vocab=cfg.vocab_size,
@@ -232,6 +218,24 @@ def run_ours(name: str, args, platform) -> dict:
         recompute, recompute_local = (("none" if v == "auto" else v) for v in (args.recompute, args.recompute_local))
     cfg = dataclasses.replace(cfg, recompute_granularity=None if recompute == "none" else recompute,
                               recompute_local_granularity=None if recompute_local == "none" else recompute_local)
+
+    def provider(pre_process, post_process):
+        return VoxCPMModel(cfg, pre_process=pre_process, post_process=post_process,
+                           use_cpu_initialization=not cuda)
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, use_distributed_optimizer=True,
+                                        overlap_grad_reduce=True, overlap_param_gather=True)
+    chunks = build_model_chunks(provider, ddp, device=platform.device, param_dtype=dtype)
+    opt = build_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.1, clip_grad=1.0,
+                                          bf16=bf16, params_dtype=dtype, use_distributed_optimizer=True), chunks)
+    sched = build_scheduler(opt, max_lr=1e-4, min_lr=1e-5)
+    forward_step = make_forward_step(cfg, platform.device)
+    model = unwrap_model(chunks[0])
+    # what the built stacks run (megatron's TransformerConfig of the TSLM and of the LocDiT)
+    built = {"recompute": model.base_lm.config.recompute_granularity or "none",
+             "recompute_local": model.feat_decoder.estimator.decoder.config.recompute_granularity or "none"}
+
     log(f"[{name}] {cfg.transformer_impl}/{cfg.attention_backend}/{'fp8 ' + fp8 + ' ' + recipe if fp8 else str(dtype)}"
         f", T={T}, {rows} row(s) x {n_mb} micro-batch(es) per step, {total_steps} steps, recompute {recompute} "
         f"(TSLM/RALM) / {recompute_local} (LocEnc/LocDiT)"
@@ -263,7 +267,7 @@ def run_ours(name: str, args, platform) -> dict:
         "config": name, "model": preset, "transformer_impl": cfg.transformer_impl,
         "attention": cfg.attention_backend, "precision": f"fp8-{fp8}-{recipe}" if fp8 else str(dtype).split(".")[-1],
         "T": T, "rows_per_microbatch": rows, "microbatches_per_step": n_mb, "steps_timed": args.steps,
-        "recompute": recompute, "recompute_local": recompute_local,
+        **built,
         "estimated_memory_gib": estimate.device_bytes / 2**30 if estimate is not None else None,
         "step_time_s": med, "step_time_min_s": min(times),
         "real_positions_per_step": positions, "real_position_fraction": positions / (n_mb * rows * T),
