@@ -20,6 +20,15 @@ precision / T):
     official_bf16  the official `voxcpm` fine-tuner's step (padded rows, AudioVAE encode in the step,
                    fp32 weights under bf16 autocast, AdamW), same length mix
 
+Every config of ours runs 8192 positions per micro-batch (`--rows` x T). Activation recompute (`--recompute`
+for the TSLM/RALM, `--recompute-local` for the LocEnc/LocDiT; default `auto` for both): the least of
+none/none, none/full, full/none, full/full (TSLM-RALM/local) that `voxcpm_train.model.memory` estimates
+to fit 90 % of the device's memory for this model, micro-batch and mix at DP = 1 (the whole optimizer
+state on the device). For VoxCPM2-2B on this mix (at most 69 % audio and 54 % loss positions in a
+micro-batch) that is full/full on an 80 GB H100 (51.4 GiB estimated; none/full would need 90.3 GiB at
+T 8192) and none/full on a 141 GB H200 (90.3 GiB); the CPU smoke run uses none. Each line reports the
+choice, the estimate (`estimated_memory_gib`) and the measured peak (`peak_memory_gib`).
+
 Each config warms up (`--warmup` steps), then times `--steps` (>= 20 by default) steps; one JSON line per
 config on stdout (progress on stderr): median / min step time, real positions/s, samples/s, model TFLOP/s
 (`voxcpm_train.training.flops`: the model's matmuls on the real positions, 3x forward, causal attention
@@ -138,6 +147,38 @@ def packed_microbatches(samples, T: int, rows: int, n: int, P: int, D: int, seed
 # Ours
 # --------------------------------------------------------------------------------------------- #
 
+# (parallel.recompute, parallel.recompute_local), least recompute first. Recomputing the TSLM/RALM or the
+# LocEnc/LocDiT costs about the same (a third of the forward of about half the model FLOPs each, see
+# docs/performance.md); the local stacks hold three times the activations, so they go first.
+RECOMPUTE_ORDER = [("none", "none"), ("none", "full"), ("full", "none"), ("full", "full")]
+
+
+def choose_recompute(cfg, T: int, rows: int, audio_fraction: float, loss_fraction: float, budget_bytes: float,
+                     recompute: str = "auto", recompute_local: str = "auto"):
+    """(recompute, recompute_local, estimate): the first of RECOMPUTE_ORDER, with `recompute` /
+    `recompute_local` where they are not `auto`, whose estimated memory of one device (bf16, DP = 1,
+    `voxcpm_train.model.memory`) fits `budget_bytes`; the one needing the least memory when none fits.
+    The estimate counts our local layer spec (TE's fused norms save less: an upper bound there)."""
+    from voxcpm_train.config.peft import PeftConfig
+    from voxcpm_train.model.memory import estimate_training_memory
+
+    local_spec = dataclasses.replace(cfg, transformer_impl="local", attention_backend="sdpa", fp8=None)
+    best = None
+    for lm, local in RECOMPUTE_ORDER:
+        if recompute != "auto":
+            lm = recompute
+        if recompute_local != "auto":
+            local = recompute_local
+        est = estimate_training_memory(local_spec, PeftConfig(), row_tokens=T, micro_batch_size=rows, precision="bf16",
+                                       recompute=lm, recompute_local=local, audio_fraction=audio_fraction,
+                                       loss_fraction=loss_fraction, dp=1)
+        if est.device_bytes <= budget_bytes:
+            return lm, local, est
+        if best is None or est.device_bytes < best[2].device_bytes:
+            best = (lm, local, est)
+    return best
+
+
 
 def run_ours(name: str, args, platform) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -145,7 +186,7 @@ def run_ours(name: str, args, platform) -> dict:
 
     from voxcpm_train.config.model import load_model_preset
     from voxcpm_train.model import VoxCPMModel
-    from voxcpm_train.parallel import build_model_chunks, build_optimizer, build_scheduler, train_step
+    from voxcpm_train.parallel import build_model_chunks, build_optimizer, build_scheduler, train_step, unwrap_model
     from voxcpm_train.training.flops import BatchShape, peak_flops_per_device, training_flops
     from voxcpm_train.training.forward import make_forward_step
 
@@ -158,10 +199,25 @@ def run_ours(name: str, args, platform) -> dict:
                  f"params_dtype={'bfloat16' if bf16 else 'float32'}", f"max_length={max(T, 8192)}"]
     if fp8:
         overrides.append(f"fp8={fp8}")
-    if args.recompute != "none":
-        overrides.append(f"recompute_granularity={args.recompute}")
     cfg = load_model_preset(preset, overrides)
     rows = args.rows or max(1, (8192 if cuda else 512) // T)
+    n_mb = args.microbatches
+    total_steps = args.warmup + args.steps
+    samples = draw_samples(total_steps * n_mb * rows * (T // 60 + 4), seed=1, vocab=cfg.vocab_size,
+                           max_seconds=min(15.0, (T - 80) / 6.25))
+    batches, used = packed_microbatches(samples, T, rows, total_steps * n_mb, cfg.patch_size, cfg.feat_dim, seed=2)
+    shapes = [BatchShape.of_batch(b) for b in batches]
+    estimate = None
+    if cuda:   # the most audio / loss positions of any micro-batch
+        audio = max(float(b["audio_mask"].mean()) for b in batches)
+        loss = max(float(b["loss_mask"].mean()) for b in batches)
+        budget = 0.9 * torch.cuda.get_device_properties(platform.device).total_memory
+        recompute, recompute_local, estimate = choose_recompute(cfg, T, rows, audio, loss, budget, args.recompute,
+                                                                args.recompute_local)
+    else:
+        recompute, recompute_local = (("none" if v == "auto" else v) for v in (args.recompute, args.recompute_local))
+    cfg = dataclasses.replace(cfg, recompute_granularity=None if recompute == "none" else recompute,
+                              recompute_local_granularity=None if recompute_local == "none" else recompute_local)
 
     def provider(pre_process, post_process):
         return VoxCPMModel(cfg, pre_process=pre_process, post_process=post_process,
@@ -175,15 +231,15 @@ def run_ours(name: str, args, platform) -> dict:
                                           bf16=bf16, params_dtype=dtype, use_distributed_optimizer=True), chunks)
     sched = build_scheduler(opt, max_lr=1e-4, min_lr=1e-5)
     forward_step = make_forward_step(cfg, platform.device)
+    model = unwrap_model(chunks[0])
+    # what the built stacks run (megatron's TransformerConfig of the TSLM and of the LocDiT)
+    built = {"recompute": model.base_lm.config.recompute_granularity or "none",
+             "recompute_local": model.feat_decoder.estimator.decoder.config.recompute_granularity or "none"}
 
-    n_mb = args.microbatches
-    total_steps = args.warmup + args.steps
-    samples = draw_samples(total_steps * n_mb * rows * (T // 60 + 4), seed=1, vocab=cfg.vocab_size,
-                           max_seconds=min(15.0, (T - 80) / 6.25))
-    batches, used = packed_microbatches(samples, T, rows, total_steps * n_mb, cfg.patch_size, cfg.feat_dim, seed=2)
-    shapes = [BatchShape.of_batch(b) for b in batches]
     log(f"[{name}] {cfg.transformer_impl}/{cfg.attention_backend}/{'fp8 ' + fp8 + ' ' + recipe if fp8 else str(dtype)}"
-        f", T={T}, {rows} row(s) x {n_mb} micro-batch(es) per step, {total_steps} steps")
+        f", T={T}, {rows} row(s) x {n_mb} micro-batch(es) per step, {total_steps} steps, recompute {recompute} "
+        f"(TSLM/RALM) / {recompute_local} (LocEnc/LocDiT)"
+        + (f", estimated {estimate.device_bytes / 2**30:.1f} GiB" if estimate is not None else ""))
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -211,12 +267,15 @@ def run_ours(name: str, args, platform) -> dict:
         "config": name, "model": preset, "transformer_impl": cfg.transformer_impl,
         "attention": cfg.attention_backend, "precision": f"fp8-{fp8}-{recipe}" if fp8 else str(dtype).split(".")[-1],
         "T": T, "rows_per_microbatch": rows, "microbatches_per_step": n_mb, "steps_timed": args.steps,
-        "recompute": args.recompute, "step_time_s": med, "step_time_min_s": min(times),
+        **built,
+        "estimated_memory_gib": estimate.device_bytes / 2**30 if estimate is not None else None,
+        "step_time_s": med, "step_time_min_s": min(times),
         "real_positions_per_step": positions, "real_position_fraction": positions / (n_mb * rows * T),
         "positions_per_s": positions / med, "samples_per_s": segments / med,
         "model_tflops_per_step": flops / 1e12, "model_tflops_per_s": flops / med / 1e12,
         "mfu": flops / med / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,   # + the allocator's cache
         "loss_first": losses[0], "loss_last": losses[-1],
     }
     del chunks, opt, sched, batches
@@ -272,8 +331,10 @@ def main(argv=None):
     ap.add_argument("--microbatches", type=int, default=2, help="micro-batches per step")
     ap.add_argument("--rows", type=int, default=None, help="rows per micro-batch (default 8192 // T, tiny 512 // T)")
     ap.add_argument("--seq-len", type=int, default=None, help="override every config's T")
-    ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
-                    help="activation recompute of the TSLM/RALM layers")
+    ap.add_argument("--recompute", default="auto", choices=["auto", "none", "selective", "full"],
+                    help="activation recompute of the TSLM/RALM layers (parallel.recompute; auto: see above)")
+    ap.add_argument("--recompute-local", default="auto", choices=["auto", "none", "full"],
+                    help="activation recompute of the LocEnc/LocDiT layers (parallel.recompute_local; auto: see above)")
     ap.add_argument("--official-batch", type=int, default=None, help="official: utterances per step (16; tiny 4)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: by device name)")
     ap.add_argument("--budget-s", type=float, default=360.0,

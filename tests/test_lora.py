@@ -302,3 +302,39 @@ def test_lora_under_full_recompute_gets_the_same_grads(megatron_single):
         got = grads["full"][name]
         assert got is not None and g.abs().max() > 0, name
         assert (got - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+@pytest.mark.parametrize("targets", [dict(base_lm=[], residual_lm=[], feat_decoder=ALL),
+                                     dict(base_lm=ALL, feat_decoder=ALL)], ids=["locdit-only", "tslm+locdit"])
+def test_lora_on_locdit_under_local_recompute_gets_the_same_grads(megatron_single, targets):
+    """LoRA on the LocDiT with its layers recomputed (`model.recompute_local_granularity=full`): with only
+    LocDiT adapters everything before its layers is frozen, so megatron's reentrant checkpoint would give
+    them no gradient; with the input hook every adapter's grad is nonzero and equals the no-recompute one.
+    The frozen LocEnc (no adapters, nothing trainable before it) is not run under a backward at all."""
+    from voxcpm_train.config.model import load_model_preset
+    from voxcpm_train.model import VoxCPMModel
+    from voxcpm_train.model.lora import apply_peft, lora_modules
+
+    grads = {}
+    for recompute in (None, "full"):
+        cfg = dataclasses.replace(load_model_preset("tiny"), recompute_local_granularity=recompute)
+        torch.manual_seed(0)
+        model = VoxCPMModel(cfg).train()
+        apply_peft(model, _peft(**targets), seed=3)
+        gen = torch.Generator().manual_seed(1)
+        for _, module in lora_modules(model):
+            module.lora_B.data.copy_(torch.randn(module.lora_B.shape, generator=gen) * 0.1)
+        encoder_input = []
+        model.feat_encoder.encoder.register_forward_pre_hook(
+            lambda m, a, k: encoder_input.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+        torch.manual_seed(0)
+        out = model(_batch())
+        (out["diff_sum"] + out["stop_sum"]).backward()
+        assert not encoder_input[0].requires_grad          # the hook leaves the frozen LocEnc alone
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["full"].keys() == grads[None].keys()
+    assert any("feat_decoder" in name for name in grads[None])
+    for name, g in grads[None].items():
+        got = grads["full"][name]
+        assert got is not None and g.abs().max() > 0, name
+        assert torch.equal(got, g), (name, (got - g).abs().max())

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
 
 
-def _mid_config(recompute=None):
+def _mid_config(recompute=None, recompute_local=None):
     """A VoxCPM2-shaped model wide enough for the tensor counts to mean something (GQA, q width != hidden
     in LocEnc/LocDiT, RALM without RoPE), in bf16."""
     from voxcpm_train.config.model import load_model_preset
@@ -31,7 +31,8 @@ def _mid_config(recompute=None):
         "lm.num_layers=3", "residual_lm_num_layers=2", "encoder.hidden_size=128", "encoder.ffn_hidden_size=256",
         "encoder.kv_channels=48", "dit.hidden_size=128", "dit.ffn_hidden_size=256", "dit.kv_channels=48",
         "rope.short_factor=[]", "rope.long_factor=[]"])
-    return dataclasses.replace(cfg, params_dtype="bfloat16", recompute_granularity=recompute)
+    return dataclasses.replace(cfg, params_dtype="bfloat16", recompute_granularity=recompute,
+                               recompute_local_granularity=recompute_local)
 
 
 def _packed_batch(rows: int, T: int):
@@ -84,7 +85,12 @@ def _peft(method="none", freeze=(), **lora):
     return PeftConfig(method=method, freeze=list(freeze), lora=LoraConfig(**lora))
 
 
-@pytest.mark.parametrize("recompute", [None, "full"], ids=["no-recompute", "full-recompute"])
+# (parallel.recompute, parallel.recompute_local)
+RECOMPUTE = {"no-recompute": (None, None), "full-recompute": ("full", None), "local-recompute": (None, "full"),
+             "full+local-recompute": ("full", "full")}
+
+
+@pytest.mark.parametrize("recompute", list(RECOMPUTE.values()), ids=list(RECOMPUTE))
 @pytest.mark.parametrize("peft", [
     _peft(), _peft("lora"), _peft("lora", base_lm=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]),
     _peft(freeze=["feat_encoder"]),
@@ -95,7 +101,8 @@ def test_activation_estimate_matches_saved_tensors(megatron_single, peft, recomp
     from voxcpm_train.model.memory import activation_lines
     from voxcpm_train.training.flops import BatchShape
 
-    cfg = _mid_config(recompute)
+    lm_recompute, local_recompute = recompute
+    cfg = _mid_config(lm_recompute, local_recompute)
     for rows, T in ((2, 64), (1, 256)):
         torch.manual_seed(0)
         model = VoxCPMModel(cfg).train()
@@ -103,7 +110,8 @@ def test_activation_estimate_matches_saved_tensors(megatron_single, peft, recomp
         batch = _packed_batch(rows, T)
         measured = _saved_by_stack(model, batch)
         N = batch["text_mask"].numel()
-        lines = activation_lines(cfg, peft, T, rows, elem=2, recompute=recompute or "none",
+        lines = activation_lines(cfg, peft, T, rows, elem=2, recompute=lm_recompute or "none",
+                                 recompute_local=local_recompute or "none",
                                  audio_fraction=float(batch["audio_mask"].sum()) / N,
                                  loss_fraction=float(batch["loss_mask"].sum()) / N,
                                  max_seqlen=max(BatchShape.of_batch(batch, include_padding=True).sequence_lengths))
@@ -145,3 +153,100 @@ def test_voxcpm2_2b_lora_24gb_configuration():
     assert full["trainable"] == 2_290_004_544 and full["device_bytes"] > 3 * 24 * GIB
     offload = _info_json("--peft", "none", "--recompute", "full", "--cpu-offload", "--row-tokens", "1024")
     assert offload["host_bytes"] == 12 * 2_290_004_544 and offload["device_bytes"] > 24 * GIB
+
+
+TP = 2
+
+
+def _tp_worker(rank: int, port: int, out_path: str):
+    """One rank of TP=2: per stack, the bytes autograd saves and the estimate of one TP rank."""
+    from voxcpm_train.platform import setup_platform
+
+    setup_platform("cpu")
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP)
+    parallel_state.initialize_model_parallel(TP, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    from voxcpm_train.model import VoxCPMModel
+    from voxcpm_train.model.memory import activation_lines
+    from voxcpm_train.training.flops import BatchShape
+
+    results = []
+    for sp, (lm_recompute, local_recompute) in ((False, (None, None)), (True, (None, None)), (True, ("full", "full"))):
+        cfg = _mid_config(lm_recompute, local_recompute)
+        rows, T = 1, 256
+        torch.manual_seed(0)
+        model = VoxCPMModel(cfg, sequence_parallel=sp).train()
+        batch = _packed_batch(rows, T)
+        measured = _saved_by_stack(model, batch)
+        N = batch["text_mask"].numel()
+        lines = activation_lines(cfg, _peft(), T, rows, elem=2, recompute=lm_recompute or "none",
+                                 recompute_local=local_recompute or "none",
+                                 audio_fraction=float(batch["audio_mask"].sum()) / N,
+                                 loss_fraction=float(batch["loss_mask"].sum()) / N,
+                                 max_seqlen=max(BatchShape.of_batch(batch, include_padding=True).sequence_lengths),
+                                 tp=TP, sequence_parallel=sp)
+        est = {line.name.split()[-1]: line.bytes for line in lines if line.name.startswith("activations")}
+        results.append({"sp": sp, "recompute": [lm_recompute, local_recompute], "measured": measured, "estimated": est})
+    gathered = [None] * TP
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_activation_estimate_matches_saved_tensors_at_tp2(tmp_path):
+    """The estimate of one TP rank (`tp=2`, with and without sequence parallelism, with and without full
+    recompute of every stack) against what autograd saves on each rank of a TP=2 run (2 processes, gloo):
+    every stack within the same 5 % as at TP=1; outside the stacks the estimate counts TP=1's (an upper
+    bound)."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    out_path = tmp_path / "tp_memory.json"
+    mp.start_processes(_tp_worker, args=(free_port(), str(out_path)), nprocs=TP, start_method="spawn")
+    for rank, results in enumerate(json.loads(out_path.read_text())):
+        for r in results:
+            measured, est = r["measured"], r["estimated"]
+            print(f"rank {rank} sp={r['sp']} recompute={r['recompute']}: " + ", ".join(
+                f"{k} {est[k]:,}/{measured.get(k, 0):,}" for k in est))
+            for stack in ("feat_encoder", "base_lm", "residual_lm", "feat_decoder"):
+                got, want = est[stack], measured[stack]
+                assert abs(got - want) <= 0.05 * want, (rank, r["sp"], r["recompute"], stack, got, want)
+            assert measured["other"] <= est["other"], (rank, r)
+
+
+@pytest.mark.parametrize("preset,gib", [("h100_2b", 80), ("ascend_2b", 64)])
+def test_voxcpm2_2b_parallel_presets_fit_their_devices(megatron_single, preset, gib):
+    """configs/parallel/<preset>.yaml at experiment=voxcpm2_2b's row length, on one node of 8 devices
+    (DP = 8 / TP), every position audio and loss: the estimate leaves >= 10 % of the device free, and
+    `voxcpm-model info --memory` with the flags the preset documents gives the same bytes."""
+    from omegaconf import OmegaConf
+
+    from voxcpm_train.config.model import load_model_preset
+    from voxcpm_train.config.parallel import ParallelConfig
+    from voxcpm_train.model.memory import estimate_training_memory
+
+    p = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ParallelConfig),
+                                            OmegaConf.load(ROOT / "configs" / "parallel" / f"{preset}.yaml")))
+    row_tokens = OmegaConf.load(ROOT / "configs" / "experiment" / "voxcpm2_2b.yaml").data.row_tokens
+    dp = 8 // p.tp
+    est = estimate_training_memory(load_model_preset("voxcpm2_2b"), _peft(), row_tokens=row_tokens,
+                                   micro_batch_size=p.micro_batch_size, recompute=p.recompute,
+                                   recompute_local=p.recompute_local, dp=dp,
+                                   distributed_optimizer=p.use_distributed_optimizer, tp=p.tp,
+                                   sequence_parallel=p.sequence_parallel)
+    print(f"{preset}: {est.device_bytes / GIB:.2f} GiB of {gib}")
+    assert est.device_bytes <= 0.9 * gib * GIB
+    assert (est.rank_trainable == est.trainable) == (p.tp == 1)
+    if preset == "ascend_2b":   # the CLI mirrors the parallel keys
+        args = ["--row-tokens", str(row_tokens), "--micro-batch-size", str(p.micro_batch_size), "--recompute",
+                p.recompute, "--recompute-local", p.recompute_local, "--dp", str(dp), "--tp", str(p.tp)]
+        mem = _info_json(*args, *(["--sequence-parallel"] if p.sequence_parallel else []))
+        assert mem["device_bytes"] == est.device_bytes and mem["rank_trainable"] == est.rank_trainable
+        assert est.rank_trainable < est.trainable / p.tp * 1.02     # nearly everything is TP-split

@@ -111,6 +111,54 @@ def test_activation_recompute_matches(megatron_single):
             assert torch.allclose(grad, results[0][1][name], rtol=1e-6, atol=1e-9), name
 
 
+def _local_recompute_run(cfg, batch):
+    """(loss, every parameter's grad) of one fp32 forward/backward of a fresh `cfg` model (seed 0)."""
+    from voxcpm_train.model import VoxCPMModel
+
+    torch.manual_seed(0)
+    model = VoxCPMModel(cfg).train()
+    out = model(batch)
+    loss = out["diff_sum"] + out["stop_sum"]
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_local_recompute_matches(megatron_single):
+    """megatron's full recompute of the LocEnc/LocDiT layers (`model.recompute_local_granularity=full`),
+    alone and with full recompute of the TSLM/RALM, gives bit-identical losses and grads on a packed batch
+    (several samples per row, a padding tail), fp32. The layers really run under megatron's checkpoint."""
+    import dataclasses
+
+    from megatron.core import tensor_parallel
+
+    from test_model_parity import make_sample, pack_row, stack_rows
+
+    base = load_model_preset("tiny")
+    gen = torch.Generator().manual_seed(6)
+    rows = [pack_row([make_sample(kind, base.patch_size, base.feat_dim, gen) for kind in kinds], 40)
+            for kinds in (("clone", "tts", "tts"), ("tts", "clone"))]
+    batch = stack_rows(rows)
+    batch["row_seeds"] = torch.tensor([5, 6])
+    assert int(batch["segment_ids"].max()) == 3 and bool((batch["segment_ids"] == 0).any())   # packed, padded
+    want_loss, want = _local_recompute_run(base, batch)
+    calls = []
+    original = tensor_parallel.checkpoint
+    tensor_parallel.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        for changes in ({"recompute_local_granularity": "full"},
+                        {"recompute_local_granularity": "full", "recompute_granularity": "full"}):
+            calls.clear()
+            loss, grads = _local_recompute_run(dataclasses.replace(base, **changes), batch)
+            lm = base.lm.num_layers + base.residual_lm_num_layers if "recompute_granularity" in changes else 0
+            assert len(calls) == base.encoder.num_layers + base.dit.num_layers + lm   # one checkpoint per layer
+            assert torch.equal(loss, want_loss), changes
+            assert grads.keys() == want.keys()
+            for name, grad in grads.items():
+                assert grad is not None and torch.equal(grad, want[name]), (changes, name)
+    finally:
+        tensor_parallel.checkpoint = original
+
+
 def test_bad_micro_batch_names_the_field(megatron_single):
     import pytest
 

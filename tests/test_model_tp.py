@@ -109,3 +109,63 @@ def test_tensor_parallel_matches_reference(tmp_path):
         assert result["n_grads"] == result["n_ref"]
         assert result["unmarked"] == [] and result["tp_split_params"] > 0
     assert results["sp=False"]["sp_params"] == 0 and results["sp=True"]["sp_params"] > 0
+
+
+def _local_recompute_worker(rank: int, port: int, out_path: str):
+    """At TP=2 (with and without sequence parallelism) the LocEnc/LocDiT under full recompute give this
+    rank the same loss and the same grad of every (local shard of a) parameter as without it."""
+    import dataclasses
+
+    from voxcpm_train.platform import setup_platform
+
+    setup_platform("cpu")
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP)
+    parallel_state.initialize_model_parallel(TP, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    from voxcpm_train.model import VoxCPMModel
+
+    base = load_model_preset("tiny")
+    batch = make_batch(base)
+    batch["row_seeds"] = torch.tensor([3, 4])
+    results = {}
+    for sp in (False, True):
+        runs = {}
+        for recompute in (None, "full"):
+            torch.manual_seed(0)
+            model = VoxCPMModel(dataclasses.replace(base, recompute_local_granularity=recompute),
+                                sequence_parallel=sp).train()
+            out = model(batch)
+            loss = (out["diff_sum"] + out["stop_sum"]) / out["num_loss_positions"]
+            loss.backward()
+            runs[recompute] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        (loss0, g0), (loss1, g1) = runs[None], runs["full"]
+        results[f"sp={sp}"] = {
+            "loss_equal": bool(torch.equal(loss0, loss1)),
+            "same_names": sorted(g0) == sorted(g1),
+            "grads_unequal": [n for n in g0 if g1.get(n) is None or not torch.equal(g0[n], g1[n])],
+            "split_local_params": sum(1 for n, p in model.named_parameters() if n.startswith(("feat_encoder.", "feat_decoder."))
+                                      and getattr(p, "tensor_model_parallel", False)),
+        }
+    gathered = [None] * TP
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_local_recompute_matches(tmp_path):
+    from conftest import free_port
+
+    out_path = tmp_path / "tp_recompute.json"
+    mp.start_processes(_local_recompute_worker, args=(free_port(), str(out_path)), nprocs=TP, start_method="spawn")
+    for rank, results in enumerate(json.loads(out_path.read_text())):
+        for name, result in results.items():
+            print(f"\nTP={TP} rank {rank} {name}, LocEnc/LocDiT recompute vs none: {result}")
+            assert result["loss_equal"] and result["same_names"] and result["grads_unequal"] == [], (rank, name, result)
+            assert result["split_local_params"] > 0      # the LocEnc/LocDiT linears are TP shards

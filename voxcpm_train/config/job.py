@@ -91,7 +91,7 @@ def validate_job_config(cfg, check_model: bool = True) -> None:
     also validate cfg.model (`build_job` does it once the model config of the checkpoint is in)."""
     from voxcpm_train.config.model import ConfigError, validate_model_config
     from voxcpm_train.config.optim import PRECISION_CHOICES
-    from voxcpm_train.config.parallel import RECOMPUTE_CHOICES
+    from voxcpm_train.config.parallel import RECOMPUTE_CHOICES, RECOMPUTE_LOCAL_CHOICES
     from voxcpm_train.config.platform import PLATFORM_CHOICES
     from voxcpm_train.config.logging import WANDB_MODES
     from voxcpm_train.config.stage import WSD_DECAY_STYLES
@@ -105,6 +105,8 @@ def validate_job_config(cfg, check_model: bool = True) -> None:
         check(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
     check(p.dp is None or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1 or null")
     check(p.recompute in RECOMPUTE_CHOICES, f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_CHOICES}")
+    check(p.recompute_local in RECOMPUTE_LOCAL_CHOICES,
+          f"parallel.recompute_local={p.recompute_local!r} must be one of {RECOMPUTE_LOCAL_CHOICES}")
     check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
     check(cfg.optim.precision in PRECISION_CHOICES,
           f"optim.precision={cfg.optim.precision!r} must be one of {PRECISION_CHOICES}")
@@ -232,7 +234,7 @@ def check_paths(job, given: dict, resuming: bool) -> None:
 # keys of the model config that do not shape the weights: how this run computes (the composed config
 # - preset, experiment, command line - wins over the checkpoint's)
 MODEL_RUN_KEYS = ("attention_backend", "params_dtype", "init_method_std", "pipeline_layers",
-                  "recompute_granularity", "recompute_method", "recompute_num_layers",
+                  "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_local_granularity",
                   "transformer_impl", "packed_seq_format", "fp8", "fp8_recipe", "fp8_amax_history_len")
 # training-recipe keys stored in a checkpoint: the checkpoint's unless given on the command line
 MODEL_RECIPE_KEYS = ("flow", "lambda_diff", "lambda_stop", "max_length")

@@ -120,6 +120,9 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: str = "uniform"  # full: uniform | block
     recompute_num_layers: int = 1  # full: layers per recompute unit (uniform) or per stage (block)
+    # Activation recompute of the LocEnc/LocDiT layers (megatron full, uniform, one layer per checkpoint):
+    # null | full. Their short per-position sequences (P+1 and 2+1+2P tokens) hold most of the activations.
+    recompute_local_granularity: Optional[str] = None
 
 
 def register() -> None:
@@ -231,6 +234,10 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     )
     _check(cfg.recompute_method in ("uniform", "block"), f"{prefix}.recompute_method={cfg.recompute_method!r} is not one of uniform, block")
     _check(cfg.recompute_num_layers > 0, f"{prefix}.recompute_num_layers={cfg.recompute_num_layers} must be positive")
+    _check(
+        cfg.recompute_local_granularity in (None, "full"),
+        f"{prefix}.recompute_local_granularity={cfg.recompute_local_granularity!r} is not one of null, full",
+    )
     if cfg.pipeline_layers is not None:
         total = cfg.lm.num_layers + cfg.residual_lm_num_layers
         layers = list(cfg.pipeline_layers)

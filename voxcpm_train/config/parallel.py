@@ -11,7 +11,8 @@ class ParallelConfig:
     pp: int = 1                      # pipeline model parallel size
     dp: Optional[int] = None         # data parallel size; None = world_size / (tp * pp)
     sequence_parallel: bool = False  # megatron sequence parallelism (needs tp > 1)
-    recompute: str = "none"          # none | selective | full
+    recompute: str = "none"          # none | selective | full: the TSLM/RALM layers
+    recompute_local: str = "none"    # none | full: the LocEnc/LocDiT layers (model.recompute_local_granularity)
     micro_batch_size: int = 1        # rows per micro-batch per data-parallel rank
     global_batch_size: int = 8       # rows per optimizer step (all ranks, all micro-batches)
     use_distributed_optimizer: bool = True
@@ -24,3 +25,4 @@ class ParallelConfig:
 
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
+RECOMPUTE_LOCAL_CHOICES = ("none", "full")

@@ -42,9 +42,11 @@ def info(preset: str, overrides: List[str], as_json: bool, memory: Optional[dict
 
         est = estimate_training_memory(
             cfg, peft, row_tokens=memory["row_tokens"], micro_batch_size=memory["micro_batch_size"],
-            precision=memory["precision"], recompute=memory["recompute"], cpu_offload=memory["cpu_offload"],
-            offload_fraction=memory["offload_fraction"], audio_fraction=memory["audio_fraction"],
-            loss_fraction=memory["loss_fraction"],
+            precision=memory["precision"], recompute=memory["recompute"], recompute_local=memory["recompute_local"],
+            cpu_offload=memory["cpu_offload"], offload_fraction=memory["offload_fraction"],
+            audio_fraction=memory["audio_fraction"], loss_fraction=memory["loss_fraction"], dp=memory["dp"],
+            distributed_optimizer=memory["distributed_optimizer"], tp=memory["tp"],
+            sequence_parallel=memory["sequence_parallel"],
         )
     if as_json:
         out = {"model": preset, "parameters": counts}
@@ -62,8 +64,11 @@ def info(preset: str, overrides: List[str], as_json: bool, memory: Optional[dict
         m = memory
         print(f"training memory of one device (estimate; peft={m['peft']}{' ' + ' '.join(m['peft_overrides']) if m['peft_overrides'] else ''}, "
               f"{m['micro_batch_size']} x {m['row_tokens']} positions, {m['precision']}, recompute={m['recompute']}, "
-              f"cpu_offload={m['cpu_offload']}; docs/lora.md):")
-        print(f"  trainable parameters {est.trainable:,} of {est.parameters:,}")
+              f"recompute_local={m['recompute_local']}, TP {m['tp']}{' + SP' if m['sequence_parallel'] else ''}, DP {m['dp']}"
+              f"{'' if m['distributed_optimizer'] else ' (no distributed optimizer)'}, cpu_offload={m['cpu_offload']}, "
+              f"audio/loss fraction {m['audio_fraction']:g}/{m['loss_fraction']:g}; docs/lora.md):")
+        print(f"  trainable parameters {est.trainable:,} of {est.parameters:,}"
+              + (f" ({est.rank_trainable:,} of {est.rank_parameters:,} on one TP rank)" if m["tp"] > 1 else ""))
         print(format_estimate(est, m["gpu_gib"]))
     return 0
 
@@ -75,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_info.add_argument("--model", required=True, help="preset name in configs/model/ or a YAML path")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.add_argument("overrides", nargs="*", help="dotlist overrides without the model. prefix, e.g. lm.num_layers=4")
-    mem = p_info.add_argument_group("--memory: estimated training memory of one device (TP = PP = DP = 1)")
+    mem = p_info.add_argument_group("--memory: estimated training memory of one device (PP = 1)")
     mem.add_argument("--memory", action="store_true", help="add the training-memory estimate")
     mem.add_argument("--peft", default="none", help="peft preset in configs/peft/ or a YAML path (default: none)")
     mem.add_argument("--peft-set", action="append", default=[], metavar="KEY=VALUE",
@@ -83,7 +88,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     mem.add_argument("--row-tokens", type=int, default=2048, help="positions per row (data.row_tokens; default 2048)")
     mem.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch (parallel.micro_batch_size)")
     mem.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="optim.precision (default bf16)")
-    mem.add_argument("--recompute", choices=("none", "selective", "full"), default="none", help="parallel.recompute")
+    mem.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                     help="parallel.recompute (TSLM/RALM layers)")
+    mem.add_argument("--recompute-local", choices=("none", "full"), default="none",
+                     help="parallel.recompute_local (LocEnc/LocDiT layers)")
+    mem.add_argument("--dp", type=int, default=1,
+                     help="data-parallel size: the distributed optimizer keeps 1/DP of the optimizer state (default 1)")
+    mem.add_argument("--no-distributed-optimizer", action="store_true",
+                     help="parallel.use_distributed_optimizer=false: every rank keeps the whole optimizer state")
+    mem.add_argument("--tp", type=int, default=1, help="parallel.tp: one rank of a tensor-parallel group (default 1)")
+    mem.add_argument("--sequence-parallel", action="store_true", help="parallel.sequence_parallel (needs --tp > 1)")
     mem.add_argument("--cpu-offload", action="store_true", help="optim.cpu_offload (megatron HybridDeviceOptimizer)")
     mem.add_argument("--offload-fraction", type=float, default=1.0, help="optim.offload_fraction (default 1.0)")
     mem.add_argument("--audio-fraction", type=float, default=1.0,
@@ -94,15 +108,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from voxcpm_train.config.model import ConfigError
 
+    if args.dp < 1 or args.tp < 1:
+        parser.error(f"--dp {args.dp} --tp {args.tp}: must be >= 1")
+    if args.sequence_parallel and args.tp == 1:
+        parser.error("--sequence-parallel needs --tp > 1 (as parallel.sequence_parallel)")
     memory = None
     if args.memory:
         memory = {"peft": args.peft, "peft_overrides": args.peft_set, "row_tokens": args.row_tokens,
                   "micro_batch_size": args.micro_batch_size, "precision": args.precision, "recompute": args.recompute,
-                  "cpu_offload": args.cpu_offload, "offload_fraction": args.offload_fraction,
+                  "recompute_local": args.recompute_local, "dp": args.dp, "tp": args.tp,
+                  "sequence_parallel": args.sequence_parallel,
+                  "distributed_optimizer": not args.no_distributed_optimizer, "cpu_offload": args.cpu_offload,
+                  "offload_fraction": args.offload_fraction,
                   "audio_fraction": args.audio_fraction, "loss_fraction": args.loss_fraction, "gpu_gib": args.gpu_gib}
     try:
         return info(args.model, args.overrides, args.json, memory)
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:   # a bad preset, override or layout (e.g. --tp not dividing the heads)
         print(f"voxcpm-model: {err}", file=sys.stderr)
         return 2
 

@@ -382,6 +382,8 @@ def _input_requires_grad(module, args, kwargs):
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not torch.is_grad_enabled() or hidden is None or hidden.requires_grad:
         return None
+    if not any(p.requires_grad for p in module.layers.parameters()):
+        return None   # a frozen block behind frozen modules: no gradient is wanted in it, nothing to store
     hidden = hidden.detach().requires_grad_(True)
     if args:
         return (hidden, *args[1:]), kwargs
@@ -392,7 +394,8 @@ def _recompute_inputs_require_grad(model: torch.nn.Module) -> None:
     """megatron's full recompute runs each layer inside a reentrant `CheckpointFunction`: when its input
     does not require grad (the modules before it are frozen), nothing inside gets a gradient, adapters
     included. Make the input of every fully recomputed block require grad (as PEFT libraries do with
-    `enable_input_require_grads`)."""
+    `enable_input_require_grads`), unless nothing in its layers trains (e.g. a frozen LocEnc under
+    `model.recompute_local_granularity=full`: it then stores nothing and runs no backward)."""
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     for module in model.modules():

@@ -38,10 +38,15 @@ def stack_transformer_config(
     tensor_model_parallel_size: Optional[int] = None,
     recompute: bool = False,
     fp8: bool = False,
+    recompute_local: bool = False,
 ) -> TransformerConfig:
     """megatron `TransformerConfig` of one stack (PP size 1 inside; TP from parallel_state).
 
-    `recompute` applies `cfg.recompute_*`, `fp8` applies `cfg.fp8*` (the TSLM/RALM stacks)."""
+    `recompute` applies `cfg.recompute_*`, `fp8` applies `cfg.fp8*` (the TSLM/RALM stacks);
+    `recompute_local` applies `cfg.recompute_local_granularity` (the LocEnc/LocDiT stacks: megatron's full
+    recompute, uniform, one layer per checkpoint)."""
+    if recompute and recompute_local:
+        raise ValueError("a stack is recomputed as a TSLM/RALM stack or as a local one, not both")
     tp = tensor_model_parallel_size or parallel_state.get_tensor_model_parallel_world_size()
     for key, value in (("num_attention_heads", stack.num_attention_heads), ("num_query_groups", stack.num_query_groups)):
         if value % tp:
@@ -49,7 +54,11 @@ def stack_transformer_config(
     dtype = DTYPES[cfg.params_dtype]
     granularity = cfg.recompute_granularity if recompute else None
     recompute_kwargs = {}
-    if granularity == "full":
+    if recompute_local:
+        granularity = cfg.recompute_local_granularity
+        if granularity == "full":
+            recompute_kwargs = dict(recompute_method="uniform", recompute_num_layers=1)
+    elif granularity == "full":
         recompute_kwargs = dict(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
     elif granularity == "selective":
         recompute_kwargs = dict(recompute_modules=["core_attn"])

@@ -117,10 +117,12 @@ class VoxCPMModel(MegatronModule):
             check_fp8_available(config.fp8)
 
         def make_config(stack, num_layers, softmax_scale, lm_stack=False):
-            # Activation recompute, FP8 and sequence parallelism (TP > 1) apply to the TSLM/RALM stacks only.
+            # FP8 and sequence parallelism (TP > 1) apply to the TSLM/RALM stacks only; activation recompute
+            # is model.recompute_* there and model.recompute_local_granularity in the LocEnc/LocDiT.
             return stack_transformer_config(
                 config, stack, num_layers, softmax_scale, use_cpu_initialization=use_cpu_initialization,
-                recompute=lm_stack, sequence_parallel=sequence_parallel and lm_stack, fp8=lm_stack,
+                recompute=lm_stack, recompute_local=not lm_stack, sequence_parallel=sequence_parallel and lm_stack,
+                fp8=lm_stack,
             )
 
         base_config = make_config(config.lm, n_base, lm_scale, lm_stack=True)

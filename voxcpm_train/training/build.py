@@ -56,6 +56,21 @@ def cpu_offload_options(job, platform) -> dict:
                 use_precision_aware_optimizer=True)
 
 
+def run_model_config(job, precision: str):
+    """The model config this run builds: `job.model` with the activation recompute of `parallel.recompute`
+    (TSLM/RALM) and `parallel.recompute_local` (LocEnc/LocDiT) where set, and the compute dtype of
+    `precision` (bf16 | fp32)."""
+    p = job.parallel
+    model_cfg = job.model
+    if p.recompute != "none":        # parallel.recompute drives the model's activation recompute
+        model_cfg = dataclasses.replace(model_cfg, recompute_granularity=p.recompute)
+    if p.recompute_local != "none":  # parallel.recompute_local: that of the LocEnc/LocDiT layers
+        model_cfg = dataclasses.replace(model_cfg, recompute_local_granularity=p.recompute_local)
+    # optim.precision decides the compute dtype: bf16 weights/activations (fp32 main params, grads reduced
+    # in fp32, fp32 Adam state in megatron's optimizer) or fp32 throughout
+    return dataclasses.replace(model_cfg, params_dtype="bfloat16" if precision == "bf16" else "float32")
+
+
 def build_model_and_optimizer(job, platform):
     """This rank's DDP model chunks and the megatron optimizer (stage LR range, `optim.lr_mult` groups)."""
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -70,13 +85,7 @@ def build_model_and_optimizer(job, platform):
     bf16 = precision == "bf16"
     p = job.parallel
 
-    model_cfg = job.model
-    if p.recompute != "none":       # parallel.recompute drives the model's activation recompute
-        model_cfg = dataclasses.replace(model_cfg, recompute_granularity=p.recompute)
-    # optim.precision decides the compute dtype: bf16 weights/activations (fp32 main params, grads reduced
-    # in fp32, fp32 Adam state in megatron's optimizer) or fp32 throughout
-    model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16" if bf16 else "float32")
-
+    model_cfg = run_model_config(job, precision)
     peft_summaries = []
 
     def provider(pre_process: bool, post_process: bool):
